@@ -1,0 +1,268 @@
+"""The EM driver: SVI's ``step`` / ``evaluate_loss`` shape, plus ``fit`` and ``posterior``."""
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+import pyro
+import pyro.poutine as poutine
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.optim import PyroOptim
+from tqdm.auto import tqdm
+
+from ._validation import check_fit_args
+from .estep import EStep, e_step, expected_log_joint, trace_model
+from .gradient import GradientMStep
+from .map_sites import MapMessenger
+from .posterior import site_marginals
+
+M_STEPS = ("auto", "gradient")
+
+
+class ConvergenceWarning(UserWarning):
+    """Warned by :meth:`EM.fit` when it stops on ``max_iter`` before reaching ``tol``."""
+
+
+@dataclass
+class EMResult:
+    """What :meth:`EM.fit` returns.
+
+    :ivar list losses: the loss before each EM iteration (``losses[i]`` is the loss at the
+        parameters that iteration ``i`` started from).
+    :ivar bool converged: whether the relative change of the loss fell below ``tol``.
+    """
+
+    losses: List[float] = field(default_factory=list)
+    converged: bool = False
+
+    @property
+    def n_iter(self) -> int:
+        """The number of EM iterations run."""
+        return len(self.losses)
+
+    @property
+    def loss(self) -> float:
+        """The last loss recorded (``nan`` if no iteration ran)."""
+        return self.losses[-1] if self.losses else float("nan")
+
+
+class EM:
+    """Expectation-Maximization for a Pyro model with discrete latent variables.
+
+    ``EM(model)`` takes the place of ``SVI(model, guide, optim, TraceEnum_ELBO())``: no guide is
+    needed. Each :meth:`step` runs an exact E-step (every discrete latent site is summed out by
+    Pyro's parallel enumeration, marks made with :func:`~pyro.infer.enum.config_enumerate` are
+    kept) and an M-step that maximizes the expected complete-data log likelihood ``Q`` over all
+    ``pyro.param`` parameters. Continuous latent sites that are not observed are estimated as
+    MAP point values held in the param store (see :class:`~pyro_em.map_sites.MapMessenger`), so
+    a model written for ``SVI + AutoDelta + TraceEnum_ELBO`` runs unchanged. Fitted values live
+    in Pyro's param store, as after SVI.
+
+    The loss is the negative log marginal likelihood of the observations, summed over data,
+    plus the negative log prior density of MAP-estimated sites.
+
+    :param model: a Pyro model (a callable with ``pyro.sample`` and ``pyro.param`` statements).
+    :param m_step: ``"auto"`` (the default) or ``"gradient"``: how parameters are updated.
+        Every parameter currently takes the gradient M-step.
+    :param optim: ``None`` to maximize ``Q`` to convergence by L-BFGS (exact EM), or a
+        :class:`pyro.optim.PyroOptim` for ``num_steps`` gradient steps (generalized EM).
+    :param num_steps: inner gradient steps per M-step with ``optim``; the L-BFGS iteration cap
+        otherwise (default 100).
+    :param max_plate_nesting: the number of nested plates in the model; guessed by running
+        the model once if ``None``.
+    :param init_loc_fn: Pyro init strategy for MAP-estimated sites (default
+        :func:`~pyro.infer.autoguide.initialization.init_to_median`).
+    :param map_prefix: prefix of the param names of MAP-estimated sites.
+
+    Example::
+
+        @pyro.infer.config_enumerate
+        def model(data):
+            weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+            locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+            with pyro.plate("data", len(data)):
+                z = pyro.sample("z", dist.Categorical(weights))
+                pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+        em = EM(model)
+        result = em.fit(data, max_iter=200, tol=1e-8)
+        responsibilities = em.posterior(data)["z"]   # shape (len(data), 2)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        m_step: str = "auto",
+        optim: Optional[PyroOptim] = None,
+        num_steps: Optional[int] = None,
+        max_plate_nesting: Optional[int] = None,
+        init_loc_fn: Callable = init_to_median,
+        map_prefix: str = "AutoDelta",
+    ):
+        if m_step not in M_STEPS:
+            raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}.")
+        if max_plate_nesting is not None and (
+            not isinstance(max_plate_nesting, int) or max_plate_nesting < 0
+        ):
+            raise ValueError(
+                f"max_plate_nesting must be a non-negative integer or None, got "
+                f"{max_plate_nesting!r}."
+            )
+        self.model = model
+        self.m_step = m_step
+        self.max_plate_nesting = max_plate_nesting
+        self.fitted_model = MapMessenger(init_loc_fn, map_prefix)(model)
+        """``model`` with MAP-estimated sites fixed to their values in the param store: a
+        plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
+        self._gradient_m_step = GradientMStep(optim, num_steps)
+
+    def _first_available_dim(self, args: tuple, kwargs: dict) -> int:
+        if self.max_plate_nesting is None:
+            with poutine.block():
+                trace = poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
+            self.max_plate_nesting = max(
+                [
+                    -f.dim
+                    for site in trace.nodes.values()
+                    if site["type"] == "sample"
+                    for f in site["cond_indep_stack"]
+                    if f.vectorized
+                ],
+                default=0,
+            )
+        return -self.max_plate_nesting - 1
+
+    def _trace(self, args: tuple, kwargs: dict):
+        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs))
+
+    def e_step(self, *args: Any, **kwargs: Any) -> EStep:
+        """Run the E-step at the current parameters.
+
+        :returns: an :class:`~pyro_em.estep.EStep` with ``log_z`` and each factor's posterior
+            weights.
+        """
+        first_dim = self._first_available_dim(args, kwargs)
+        return e_step(self.fitted_model, args, kwargs, first_dim)
+
+    def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
+        """The loss at the current parameters, without updating them.
+
+        :returns: the negative log marginal likelihood (plus negative log prior of MAP sites).
+        """
+        with _rollback_new_params():
+            return -float(self.e_step(*args, **kwargs).log_z)
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        """One EM iteration: an E-step, then an M-step that updates the param store.
+
+        If anything fails, the param store is left as it was before the step.
+
+        :returns: the loss at the parameters *before* the update (like :meth:`SVI.step`).
+        :raises ValueError: on bad data or a model with nothing to fit.
+        :raises RuntimeError: if the M-step produced non-finite parameter values.
+        """
+        with _rollback_new_params():
+            estep = self.e_step(*args, **kwargs)
+            params = {
+                name: site["value"].unconstrained()
+                for name, site in estep.trace.nodes.items()
+                if site["type"] == "param"
+            }
+            if not params:
+                raise ValueError(
+                    "The model has no pyro.param and no continuous latent site to estimate: "
+                    "there is nothing for EM to fit."
+                )
+            saved = {name: p.detach().clone() for name, p in params.items()}
+            try:
+                self._gradient_m_step(
+                    lambda: expected_log_joint(estep, self._trace(args, kwargs)),
+                    list(params.values()),
+                )
+                for name, p in params.items():
+                    if not bool(torch.isfinite(p).all()):
+                        raise RuntimeError(
+                            f"The M-step produced non-finite values for param '{name}'; the "
+                            "param store was restored to its values before this step."
+                        )
+            except BaseException:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(saved[name])
+                raise
+        return -float(estep.log_z)
+
+    def fit(
+        self,
+        *args: Any,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        progress: bool = False,
+        callback: Optional[Callable[[int, float], Optional[bool]]] = None,
+        **kwargs: Any,
+    ) -> EMResult:
+        """Run :meth:`step` until the loss stops improving.
+
+        Convergence is declared when the loss changes by at most ``tol`` relative to its
+        magnitude, ``|loss[i-1] - loss[i]| <= tol * max(1, |loss[i-1]|)``, so ``tol`` does not
+        depend on the data size.
+
+        :param max_iter: the maximum number of EM iterations (>= 1).
+        :param tol: relative tolerance on the change of the loss (>= 0).
+        :param progress: show a tqdm progress bar with the loss.
+        :param callback: called as ``callback(iteration, loss)`` after each step; returning
+            ``True`` stops the loop.
+        :returns: an :class:`EMResult`.
+        :raises ValueError: if ``max_iter`` or ``tol`` is out of range.
+        :warns ConvergenceWarning: if ``max_iter`` iterations ran without converging.
+        """
+        check_fit_args(max_iter, tol)
+        result = EMResult()
+        with tqdm(total=max_iter, disable=not progress, desc="EM") as bar:
+            for i in range(max_iter):
+                loss = self.step(*args, **kwargs)
+                result.losses.append(loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.6g}")
+                if i > 0:
+                    prev = result.losses[-2]
+                    if abs(prev - loss) <= tol * max(1.0, abs(prev)):
+                        result.converged = True
+                        break
+                if callback is not None and callback(i, loss):
+                    break
+        if not result.converged and result.n_iter == max_iter:
+            warnings.warn(
+                f"EM did not converge in max_iter={max_iter} iterations (last relative change "
+                f"above tol={tol:g}); increase max_iter or tol.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return result
+
+    def posterior(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
+        """Posterior marginals of every enumerated latent site at the current parameters.
+
+        :returns: ``{site name: probs}``; ``probs`` has the site's plate dims followed by one
+            dim over the site's values (in ``enumerate_support()`` order), e.g. the
+            ``(N, K)`` responsibilities of a mixture.
+        """
+        with _rollback_new_params():
+            estep = self.e_step(*args, **kwargs)
+        return site_marginals(estep, self.max_plate_nesting)
+
+
+@contextmanager
+def _rollback_new_params() -> Iterator[None]:
+    """On an exception, remove params created inside the block from Pyro's param store."""
+    store = pyro.get_param_store()
+    names = set(store.keys())
+    try:
+        yield
+    except BaseException:
+        for name in set(store.keys()) - names:
+            del store[name]
+        raise

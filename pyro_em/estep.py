@@ -1,0 +1,198 @@
+"""E-step: exact posterior marginals of every factor of a Pyro model.
+
+The model is traced once under :class:`~pyro.poutine.enum_messenger.EnumMessenger`, so every
+discrete latent site holds all of its values along a dimension of its own. Each sample site
+contributes one *term*, its packed log density. :func:`log_marginal` contracts the terms with
+:func:`pyro.ops.contract.contract_tensor_tree` (sum over enumerated dims in log space, product
+over plates), giving the log marginal likelihood ``log Z``. Because
+``d log Z / d log f(z) = p(z | x)`` for every factor ``f``, one backward pass through that
+contraction yields the exact posterior marginal of every factor at once: responsibilities for a
+mixture, pairwise ``(z[t-1], z[t])`` marginals for a transition factor, and so on.
+"""
+
+import functools
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+
+import torch
+import pyro.poutine as poutine
+from pyro.infer.enum import config_enumerate
+from pyro.ops import packed
+from pyro.ops.contract import contract_tensor_tree
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+
+from ._validation import check_enumerated_trace, explain_bad_log_z
+
+
+@dataclass
+class EStep:
+    """Result of an E-step at fixed parameters.
+
+    :ivar torch.Tensor log_z: log marginal likelihood of the observations (scaled as the model
+        says, plus the log prior density of MAP sites), a detached scalar.
+    :ivar Trace trace: the enumerated trace; ``trace.nodes[name]`` holds each site's ``fn``,
+        ``value``, plates and enumeration info.
+    :ivar dict weights: for each sample site, ``d log Z / d term``, a packed tensor of the shape
+        of the site's packed unscaled log density. It is the posterior marginal of the
+        enumerated values the term depends on, times the site's scale and mask: the weight of
+        each term in the expected complete-data log likelihood ``Q``.
+    :ivar float scale: the common :func:`~pyro.poutine.scale` of the enumerated factors.
+    """
+
+    log_z: torch.Tensor
+    trace: Trace
+    weights: Dict[str, torch.Tensor]
+    scale: float
+
+
+def enum_model(model: Callable, first_available_dim: int) -> Callable:
+    """Wrap ``model`` so that every discrete latent site is enumerated in parallel.
+
+    Existing ``infer={"enumerate": ...}`` marks are kept (see :func:`config_enumerate`).
+    """
+    return poutine.enum(config_enumerate(model, default="parallel"), first_available_dim)
+
+
+def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int) -> Trace:
+    """Trace ``model`` with parallel enumeration and compute packed log densities.
+
+    :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
+    """
+    trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
+    trace = prune_subsample_sites(trace)
+    check_enumerated_trace(trace)
+    trace.compute_log_prob()
+    trace.pack_tensors()
+    return trace
+
+
+def site_terms(trace: Trace) -> "OrderedDict[str, torch.Tensor]":
+    """Each sample site's packed, unscaled and unmasked log density."""
+    return OrderedDict(
+        (name, site["packed"]["unscaled_log_prob"])
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+    )
+
+
+def _enum_symbols(trace: Trace) -> set:
+    return {
+        site["infer"]["_enumerate_symbol"]
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and "_enumerate_symbol" in site["infer"]
+    }
+
+
+def _common_scale(trace: Trace, names) -> float:
+    scales = {}
+    for name in names:
+        scale = trace.nodes[name]["scale"]
+        if isinstance(scale, torch.Tensor) and scale.dim():
+            raise ValueError(f"Site '{name}' has a non-scalar poutine.scale; EM supports scalars.")
+        scales.setdefault(float(scale), name)
+    if len(scales) > 1:
+        raise ValueError(
+            "Sites that depend on enumerated latents must share one poutine.scale, but "
+            + ", ".join(f"'{n}' has {s:g}" for s, n in scales.items())
+            + "."
+        )
+    return next(iter(scales), 1.0)
+
+
+def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    """Sum out every enumerated latent: ``log Z`` as a differentiable function of ``terms``.
+
+    :param trace: a trace from :func:`trace_model`, giving each site's plates, mask and scale.
+    :param terms: packed unscaled log density of each sample site (e.g. :func:`site_terms`).
+    :returns: ``(log_z, scale)``, the 0-dim log marginal likelihood and the common scale of the
+        sites that depend on enumerated latents.
+    """
+    enum_symbols = _enum_symbols(trace)
+    tree = OrderedDict()
+    independent = []
+    for name, term in terms.items():
+        site = trace.nodes[name]
+        mask = site["packed"]["mask"]
+        if enum_symbols.isdisjoint(term._pyro_dims):
+            independent.append(packed.scale_and_mask(term, site["scale"], mask))
+            continue
+        if "_enumerate_symbol" not in site["infer"]:
+            # Masks apply inside the log expectation, the scale outside (as in TraceEnum_ELBO).
+            term = packed.scale_and_mask(term, mask=mask)
+        ordinal = frozenset(
+            trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+        tree.setdefault(ordinal, []).append((name, term))
+
+    sums = [t.sum() for t in independent]
+    scale = _common_scale(trace, [n for ts in tree.values() for n, _ in ts])
+    if tree:
+        tree = OrderedDict((o, [t for _, t in ts]) for o, ts in tree.items())
+        contracted = contract_tensor_tree(tree, enum_symbols)
+        sums.append(scale * _total(t.sum() for ts in contracted.values() for t in ts))
+    return _total(sums), scale
+
+
+def _total(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of 0-dim tensors, keeping their device and dtype."""
+    return functools.reduce(operator.add, tensors)
+
+
+def _leaf(term: torch.Tensor) -> torch.Tensor:
+    leaf = term.detach().requires_grad_()
+    leaf._pyro_dims = term._pyro_dims
+    return leaf
+
+
+def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int) -> EStep:
+    """Run the E-step: ``log Z`` and the posterior weight of every factor of ``model``.
+
+    :param model: a Pyro model (MAP sites already replaced by params, see
+        :class:`~pyro_em.map.MapMessenger`).
+    :param args: positional arguments of the model.
+    :param kwargs: keyword arguments of the model.
+    :param first_available_dim: the first dim free for enumeration, ``-max_plate_nesting - 1``.
+    :returns: an :class:`EStep`.
+    :raises ValueError: if the data are impossible (``log Z = -inf``) or a log density is NaN.
+    """
+    trace = trace_model(model, args, kwargs, first_available_dim)
+    leaves = OrderedDict((name, _leaf(t)) for name, t in site_terms(trace).items())
+    with torch.enable_grad():
+        log_z, scale = log_marginal(trace, leaves)
+        if not torch.isfinite(log_z):
+            raise ValueError(explain_bad_log_z(trace, leaves, log_z))
+        if log_z.requires_grad:
+            grads = torch.autograd.grad(log_z, list(leaves.values()), allow_unused=True)
+        else:  # every site is masked out
+            grads = [None] * len(leaves)
+    weights = {
+        name: torch.zeros_like(leaf) if g is None else g
+        for (name, leaf), g in zip(leaves.items(), grads)
+    }
+    for name, w in weights.items():
+        w._pyro_dims = leaves[name]._pyro_dims
+    return EStep(log_z.detach(), trace, weights, scale)
+
+
+def expected_log_joint(estep: EStep, trace: Trace) -> torch.Tensor:
+    """``Q = sum_f <w_f, log f>``: the expected complete-data log density of a new trace.
+
+    ``trace`` must come from :func:`trace_model` on the same model and data as ``estep``, under
+    new parameters; terms where the posterior weight is zero are skipped, so structural zeros
+    (``log f = -inf`` where ``p(z | x) = 0``) contribute nothing rather than NaN.
+    """
+    parts = []
+    for name, term in site_terms(trace).items():
+        w = estep.weights[name]
+        if w.shape != term.shape:
+            raise RuntimeError(
+                f"Site '{name}' changed shape between the E-step ({tuple(w.shape)}) and the "
+                f"M-step ({tuple(term.shape)}); EM needs a model whose structure does not "
+                "depend on its parameter values."
+            )
+        positive = w > 0
+        parts.append((w * torch.where(positive, term, term.new_zeros(()))).sum())
+    return _total(parts)

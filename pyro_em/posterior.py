@@ -1,0 +1,41 @@
+"""Posterior marginals of enumerated latent sites, read off an E-step."""
+
+from typing import Dict
+
+import torch
+from pyro.ops import packed
+
+from .estep import EStep
+
+
+def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tensor]:
+    """The posterior marginal ``p(z | x)`` of every enumerated latent site.
+
+    :param estep: the result of :func:`~pyro_em.estep.e_step`.
+    :param max_plate_nesting: the model's plate nesting, as used in the E-step.
+    :returns: ``{name: probs}`` where ``probs`` has the site's plate dims (as a batch shape
+        would) followed by one dim over the site's values, in the order of
+        ``site["fn"].enumerate_support()``; each row sums to one.
+    """
+    trace = estep.trace
+    enum_symbols = {
+        s["infer"]["_enumerate_symbol"]
+        for s in trace.nodes.values()
+        if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
+    }
+    marginals = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or "_enumerate_symbol" not in site["infer"]:
+            continue
+        own = site["infer"]["_enumerate_symbol"]
+        w = estep.weights[name]
+        other = [i for i, d in enumerate(w._pyro_dims) if d in enum_symbols and d != own]
+        probs = w.sum(other) / estep.scale if other else w / estep.scale
+        probs._pyro_dims = "".join(d for i, d in enumerate(w._pyro_dims) if i not in other)
+        probs = packed.unpack(probs, trace.symbol_to_dim)
+        # Move the site's enumeration dim to the right of the plate dims.
+        probs = probs.unsqueeze(-1).transpose(-1, site["infer"]["_enumerate_dim"] - 1)
+        num_plates = -min((f.dim for f in site["cond_indep_stack"] if f.vectorized), default=0)
+        probs = probs.reshape(probs.shape[-(max_plate_nesting + 1) :])
+        marginals[name] = probs.reshape(probs.shape[max_plate_nesting - num_plates :])
+    return marginals
