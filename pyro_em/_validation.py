@@ -86,3 +86,14 @@ def check_fit_args(max_iter: int, tol: float) -> None:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}.")
+
+
+def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
+    """Check unconstrained parameter values before an M-step moves them."""
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"Param '{name}' has a non-finite unconstrained value: its value lies on the "
+                "boundary of its constraint (e.g. a probability of exactly 0 or 1 in a simplex "
+                "or unit_interval param) or is NaN. Initialize it strictly inside."
+            )

@@ -12,7 +12,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args
+from ._validation import check_fit_args, check_params_finite
 from .estep import EStep, e_step, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .map_sites import MapMessenger
@@ -176,6 +176,7 @@ class EM:
                     "The model has no pyro.param and no continuous latent site to estimate: "
                     "there is nothing for EM to fit."
                 )
+            check_params_finite(params)
             saved = {name: p.detach().clone() for name, p in params.items()}
             try:
                 self._gradient_m_step(
