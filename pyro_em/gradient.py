@@ -66,8 +66,11 @@ class GradientMStep:
 
         def closure():
             optimizer.zero_grad()
-            loss = -q_fn() / norm
-            if not torch.isfinite(loss):  # steer the line search away
+            try:
+                loss = -q_fn() / norm
+            except ValueError:  # a distribution rejected a trial point (e.g. scale underflow)
+                loss = torch.tensor(float("nan"))
+            if not torch.isfinite(loss):  # infeasible: steer the line search back
                 return loss.detach().new_tensor(float("inf"))
             loss.backward()
             return loss

@@ -33,8 +33,11 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
         probs = w.sum(other) / estep.scale if other else w / estep.scale
         probs._pyro_dims = "".join(d for i, d in enumerate(w._pyro_dims) if i not in other)
         probs = packed.unpack(probs, trace.symbol_to_dim)
-        # Move the site's enumeration dim to the right of the plate dims.
-        probs = probs.unsqueeze(-1).transpose(-1, site["infer"]["_enumerate_dim"] - 1)
+        # Restore size-1 dims that packing dropped, then move the site's enumeration dim to
+        # the right of the plate dims.
+        enum_dim = site["infer"]["_enumerate_dim"]
+        probs = probs.reshape((1,) * max(0, -enum_dim - probs.dim()) + probs.shape)
+        probs = probs.unsqueeze(-1).transpose(-1, enum_dim - 1)
         num_plates = -min((f.dim for f in site["cond_indep_stack"] if f.vectorized), default=0)
         probs = probs.reshape(probs.shape[-(max_plate_nesting + 1) :])
         marginals[name] = probs.reshape(probs.shape[max_plate_nesting - num_plates :])

@@ -1,0 +1,89 @@
+"""The SVI-shaped API: step / evaluate_loss / fit / posterior, devices, dtypes, infer_discrete."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import config_enumerate, infer_discrete
+from pyro import poutine
+from torch.distributions import constraints
+
+from pyro_em import EM, ConvergenceWarning
+
+
+def mixture(data):
+    w = pyro.param("w", torch.ones(2, dtype=data.dtype, device=data.device) / 2, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=data.dtype, device=data.device))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(w))
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+
+def make_data(n=200, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(n // 2, generator=g) - 2.5, torch.randn(n - n // 2, generator=g) + 2.0])
+    return x.to(dtype=dtype, device=device)
+
+
+def test_step_returns_the_loss_before_the_update(device):
+    data = make_data(device=device)
+    em = EM(mixture)
+    before = em.evaluate_loss(data)
+    assert em.step(data) == before
+    assert em.evaluate_loss(data) < before
+    assert pyro.param("locs").device.type == device.type
+
+
+def test_evaluate_loss_does_not_update():
+    data = make_data()
+    em = EM(mixture)
+    em.evaluate_loss(data)
+    locs = pyro.param("locs").detach().clone()
+    em.evaluate_loss(data)
+    assert torch.equal(locs, pyro.param("locs"))
+
+
+def test_fit_converges_and_reports():
+    data = make_data()
+    result = EM(mixture).fit(data, max_iter=500, tol=1e-10)
+    assert result.converged and 1 < result.n_iter < 500
+    assert result.loss == result.losses[-1]
+    torch.testing.assert_close(pyro.param("locs").detach(), torch.tensor([-2.5, 2.0]), atol=0.3, rtol=0)
+
+
+def test_fit_warns_on_max_iter():
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        result = EM(mixture).fit(make_data(), max_iter=2, tol=0)
+    assert result.n_iter == 2 and not result.converged
+
+
+def test_fit_callback_can_stop_and_progress_bar_shows_loss(capsys):
+    seen = []
+    result = EM(mixture).fit(make_data(), max_iter=50, tol=0, progress=True,
+                             callback=lambda i, loss: seen.append((i, loss)) or i == 2)
+    assert [i for i, _ in seen] == [0, 1, 2] and result.n_iter == 3
+    assert [loss for _, loss in seen] == result.losses
+    assert "loss=" in capsys.readouterr().err
+
+
+def test_float32_matches_float64():
+    losses = {}
+    for dtype in (torch.float32, torch.float64):
+        pyro.clear_param_store()
+        data = make_data(dtype=dtype)
+        em = EM(mixture)
+        for _ in range(5):
+            em.step(data)
+        losses[dtype] = em.evaluate_loss(data)
+        assert pyro.param("locs").dtype == dtype
+        assert em.posterior(data)["z"].dtype == dtype
+    assert losses[torch.float32] == pytest.approx(losses[torch.float64], rel=1e-5)
+
+
+def test_infer_discrete_gives_map_assignments():
+    data = make_data()
+    em = EM(mixture)
+    em.fit(data, max_iter=20, tol=1e-8)
+    decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
+    z = poutine.trace(decoder).get_trace(data).nodes["z"]["value"]
+    assert torch.equal(z, em.posterior(data)["z"].argmax(-1))
