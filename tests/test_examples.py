@@ -1,0 +1,19 @@
+"""The examples run and find what they should."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_jelly_beans(capsys, monkeypatch):
+    torch.set_default_dtype(torch.float32)  # as a user runs it (the fixture restores float64)
+    monkeypatch.setattr(sys, "argv", ["jelly_beans.py", "-n", "300"])
+    runpy.run_path(str(EXAMPLES / "jelly_beans.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "converged" in out
+    accuracy = float(out.split("beans sorted into their true flavour:")[1].split("%")[0])
+    assert accuracy > 90
