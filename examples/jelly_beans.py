@@ -34,11 +34,20 @@ def simulate(n: int) -> tuple:
     return beans, flavour
 
 
+def kmeans_plus_plus(x: torch.Tensor, K: int) -> torch.Tensor:
+    """k-means++ seeding: each new centre is a data point drawn with probability ~ D^2."""
+    centres = x[torch.randint(len(x), ())][None]
+    for _ in range(K - 1):
+        d2 = torch.cdist(x, centres).min(-1).values ** 2
+        centres = torch.cat([centres, x[torch.multinomial(d2, 1)]])
+    return centres
+
+
 def model(beans: torch.Tensor, K: int = 3) -> None:
     D = beans.shape[-1]
-    # A neutral start: equal weights, means at spread-out beans, the data's overall scale.
+    # EM finds a local optimum, so start well: equal weights, k-means++ means, the data's scale.
     weights = pyro.param("weights", torch.ones(K) / K, constraint=constraints.simplex)
-    locs = pyro.param("locs", beans[torch.linspace(0, len(beans) - 1, K).long()])
+    locs = pyro.param("locs", lambda: kmeans_plus_plus(beans, K))
     scale_tril = pyro.param(
         "scale_tril",
         torch.diag_embed(beans.std(0)).expand(K, D, D).clone(),
