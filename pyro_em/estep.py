@@ -158,7 +158,8 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     :returns: an :class:`EStep`.
     :raises ValueError: if the data are impossible (``log Z = -inf``) or a log density is NaN.
     """
-    trace = trace_model(model, args, kwargs, first_available_dim)
+    with torch.no_grad():  # the E-step needs no graph from the parameters to the terms
+        trace = trace_model(model, args, kwargs, first_available_dim)
     leaves = OrderedDict((name, _leaf(t)) for name, t in site_terms(trace).items())
     with torch.enable_grad():
         log_z, scale = log_marginal(trace, leaves)

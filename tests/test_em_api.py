@@ -87,3 +87,31 @@ def test_infer_discrete_gives_map_assignments():
     decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
     z = poutine.trace(decoder).get_trace(data).nodes["z"]["value"]
     assert torch.equal(z, em.posterior(data)["z"].argmax(-1))
+
+
+def test_user_optimizer_runs_generalized_em():
+    data = make_data()
+    em = EM(mixture, optim=pyro.optim.Adam({"lr": 0.05}), num_steps=5)
+    start = em.evaluate_loss(data)
+    losses = [em.step(data) for _ in range(20)]
+    assert losses[0] == start and em.evaluate_loss(data) < start - 1.0
+
+
+def test_obs_mask_missing_discrete_observations_are_summed_out():
+    """A discrete observation missing in some rows (obs_mask) becomes an enumerated latent."""
+    a_data = torch.tensor([0, 1, 1, 0, 1, 1])
+    b_data = torch.tensor([1, 0, 1, 1, 0, 0])
+    observed = torch.tensor([True, True, False, True, False, True])
+    pa, cpt = torch.tensor([0.3, 0.7]), torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+
+    def model():
+        pyro.param("cpt", cpt, constraint=constraints.simplex)
+        with pyro.plate("rows", len(a_data)):
+            a = pyro.sample("a", dist.Categorical(pa), obs=a_data)
+            pyro.sample("b", dist.Categorical(pyro.param("cpt")[a]), obs=b_data, obs_mask=observed)
+
+    expected = pa.log()[a_data].sum() + cpt.log()[a_data, b_data][observed].sum()
+    em = EM(model)
+    assert em.evaluate_loss() == pytest.approx(-expected.item(), rel=1e-12)
+    # The missing b's posterior is its conditional given a.
+    torch.testing.assert_close(em.posterior()["b_unobserved"], cpt[a_data])
