@@ -78,7 +78,8 @@ def site_terms(trace: Trace) -> "OrderedDict[str, torch.Tensor]":
     )
 
 
-def _enum_symbols(trace: Trace) -> set:
+def enum_symbols(trace: Trace) -> set:
+    """The packed symbols of the trace's enumerated dims."""
     return {
         site["infer"]["_enumerate_symbol"]
         for site in trace.nodes.values()
@@ -110,13 +111,13 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
     :returns: ``(log_z, scale)``, the 0-dim log marginal likelihood and the common scale of the
         sites that depend on enumerated latents.
     """
-    enum_symbols = _enum_symbols(trace)
+    sum_dims = enum_symbols(trace)
     tree = OrderedDict()
     independent = []
     for name, term in terms.items():
         site = trace.nodes[name]
         mask = site["packed"]["mask"]
-        if enum_symbols.isdisjoint(term._pyro_dims):
+        if sum_dims.isdisjoint(term._pyro_dims):
             independent.append(packed.scale_and_mask(term, site["scale"], mask))
             continue
         if "_enumerate_symbol" not in site["infer"]:
@@ -131,7 +132,7 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
     scale = _common_scale(trace, [n for ts in tree.values() for n, _ in ts])
     if tree:
         tree = OrderedDict((o, [t for _, t in ts]) for o, ts in tree.items())
-        contracted = contract_tensor_tree(tree, enum_symbols)
+        contracted = contract_tensor_tree(tree, sum_dims)
         sums.append(scale * _total(t.sum() for ts in contracted.values() for t in ts))
     return _total(sums), scale
 

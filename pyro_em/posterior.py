@@ -5,7 +5,7 @@ from typing import Dict
 import torch
 from pyro.ops import packed
 
-from .estep import EStep
+from .estep import EStep, enum_symbols
 
 
 def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tensor]:
@@ -18,18 +18,14 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
         ``site["fn"].enumerate_support()``; each row sums to one.
     """
     trace = estep.trace
-    enum_symbols = {
-        s["infer"]["_enumerate_symbol"]
-        for s in trace.nodes.values()
-        if s["type"] == "sample" and "_enumerate_symbol" in s["infer"]
-    }
+    sum_dims = enum_symbols(trace)
     marginals = {}
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or "_enumerate_symbol" not in site["infer"]:
             continue
         own = site["infer"]["_enumerate_symbol"]
         w = estep.weights[name]
-        other = [i for i, d in enumerate(w._pyro_dims) if d in enum_symbols and d != own]
+        other = [i for i, d in enumerate(w._pyro_dims) if d in sum_dims and d != own]
         probs = w.sum(other) / estep.scale if other else w / estep.scale
         probs._pyro_dims = "".join(d for i, d in enumerate(w._pyro_dims) if i not in other)
         probs = packed.unpack(probs, trace.symbol_to_dim)
