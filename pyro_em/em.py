@@ -13,12 +13,13 @@ from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
 from ._validation import check_fit_args, check_params_finite
+from .closed_form import MStepPlan, closed_form_update, plan_m_step
 from .estep import EStep, e_step, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .map_sites import MapMessenger
 from .posterior import site_marginals
 
-M_STEPS = ("auto", "gradient")
+M_STEPS = ("auto", "closed_form", "gradient")
 
 
 class ConvergenceWarning(UserWarning):
@@ -64,8 +65,13 @@ class EM:
     plus the negative log prior density of MAP-estimated sites.
 
     :param model: a Pyro model (a callable with ``pyro.sample`` and ``pyro.param`` statements).
-    :param m_step: ``"auto"`` (the default) or ``"gradient"``: how parameters are updated.
-        Every parameter currently takes the gradient M-step.
+    :param m_step: how parameters are updated. ``"auto"`` (the default): every param that
+        enters a distribution directly (itself, or indexed by enumerated latents such as
+        ``locs[z]`` or ``trans[z_prev]``, possibly broadcast) and has a registered rule
+        (:mod:`pyro_em.rules`) gets its exact weighted maximum-likelihood (or conjugate MAP)
+        update; the others take the gradient M-step, in the same step. ``"closed_form"``:
+        like auto, but a param without a closed form is an error naming it. ``"gradient"``:
+        the gradient M-step for all. See :attr:`plan`.
     :param optim: ``None`` to maximize ``Q`` to convergence by L-BFGS (exact EM), or a
         :class:`pyro.optim.PyroOptim` for ``num_steps`` gradient steps (generalized EM).
     :param num_steps: inner gradient steps per M-step with ``optim``; the L-BFGS iteration cap
@@ -75,6 +81,9 @@ class EM:
     :param init_loc_fn: Pyro init strategy for MAP-estimated sites (default
         :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param map_prefix: prefix of the param names of MAP-estimated sites.
+    :param reg_covar: non-negative number added to every variance and covariance diagonal by
+        the closed-form updates (scikit-learn's ``reg_covar``; default 0, plain maximum
+        likelihood).
 
     Example::
 
@@ -101,6 +110,7 @@ class EM:
         max_plate_nesting: Optional[int] = None,
         init_loc_fn: Callable = init_to_median,
         map_prefix: str = "AutoDelta",
+        reg_covar: float = 0.0,
     ):
         if m_step not in M_STEPS:
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}.")
@@ -111,7 +121,14 @@ class EM:
                 f"max_plate_nesting must be a non-negative integer or None, got "
                 f"{max_plate_nesting!r}."
             )
+        if not isinstance(reg_covar, (int, float)) or isinstance(reg_covar, bool) or not reg_covar >= 0:
+            raise ValueError(f"reg_covar must be a number >= 0, got {reg_covar!r}.")
         self.model = model
+        self.reg_covar = float(reg_covar)
+        self.plan: Optional[MStepPlan] = None
+        """How each param is updated (an :class:`~pyro_em.closed_form.MStepPlan`; print it),
+        made at the first :meth:`step` and again when the model's arguments change."""
+        self._plan_key: Optional[tuple] = None
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
         self.fitted_model = MapMessenger(init_loc_fn, map_prefix)(model)
@@ -179,10 +196,14 @@ class EM:
             check_params_finite(params)
             saved = {name: p.detach().clone() for name, p in params.items()}
             try:
-                self._gradient_m_step(
-                    lambda: expected_log_joint(estep, self._trace(args, kwargs)),
-                    list(params.values()),
-                )
+                plan = self._get_plan(args, kwargs)
+                if plan.closed_form:
+                    closed_form_update(plan, estep, self.reg_covar)
+                rest = [p for name, p in params.items() if name not in plan.closed_form]
+                if rest:
+                    self._gradient_m_step(
+                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), rest
+                    )
                 for name, p in params.items():
                     if not bool(torch.isfinite(p).all()):
                         raise RuntimeError(
@@ -195,6 +216,15 @@ class EM:
                         p.copy_(saved[name])
                 raise
         return -float(estep.log_z)
+
+    def _get_plan(self, args: tuple, kwargs: dict) -> MStepPlan:
+        # Plans hold index maps that may depend on the data: redo them for new arguments.
+        key = tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
+        if self.plan is None or key != self._plan_key:
+            first_dim = self._first_available_dim(args, kwargs)
+            self.plan = plan_m_step(self.fitted_model, args, kwargs, first_dim, self.m_step)
+            self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
+        return self.plan
 
     def fit(
         self,

@@ -1,0 +1,221 @@
+"""Plan and run the closed-form part of the M-step.
+
+:func:`plan_m_step` decides, once, how each param is updated: in closed form when every use of
+it is a direct argument (or a conjugate prior's value) that a registered
+:class:`~pyro_em.rules.Rule` handles, and by gradient otherwise, with the reason.
+:func:`closed_form_update` then applies the plan to an E-step: pooled sufficient statistics,
+solved and written into Pyro's param store.
+"""
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+import torch.distributions as td
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.ops import packed
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import transform_to
+
+from .estep import EStep, enum_model, trace_model
+from .rules import Rule, UseContext, find_rule
+from .tracking import TrackParams, Tracked, compact, param_dependencies
+
+logger = logging.getLogger("pyro_em")
+
+
+@dataclass
+class Use:
+    """A param used directly at a site: as argument ``arg`` of its distribution, or as its
+    value (``arg == "value"``), element ``e`` being param element ``ids[e]``."""
+
+    site: str
+    arg: str
+    ids: torch.Tensor
+    rule: Rule
+
+
+@dataclass
+class MStepPlan:
+    """How each param is updated. ``str(plan)`` prints it as a table.
+
+    :ivar dict closed_form: param name -> its uses, in update order (means before scales).
+    :ivar dict gradient: param name -> why it takes the gradient M-step.
+    """
+
+    closed_form: Dict[str, List[Use]] = field(default_factory=dict)
+    gradient: Dict[str, str] = field(default_factory=dict)
+    tracked_args: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = []
+        for name, uses in self.closed_form.items():
+            where = ", ".join(f"{type(u.rule).__name__} at '{u.site}'" for u in uses)
+            lines.append(f"{name}: closed form ({where})")
+        for name, why in self.gradient.items():
+            lines.append(f"{name}: gradient ({why})")
+        return "\n".join(lines)
+
+
+def unwrap(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tensor]):
+    """Strip ``Independent``, masks, expansion and one-hot encoding off a site's distribution.
+
+    :returns: ``(leaf distribution, its value, weight broadcastable to its log_prob)``.
+    """
+    while True:
+        if isinstance(fn, td.Independent):
+            if weight is not None:
+                weight = weight.reshape(weight.shape + (1,) * fn.reinterpreted_batch_ndims)
+            fn = fn.base_dist
+        elif isinstance(fn, MaskedDistribution):
+            if weight is not None:
+                weight = weight * fn._mask
+            fn = fn.base_dist
+        elif isinstance(fn, ExpandedDistribution):
+            fn = fn.base_dist
+        elif isinstance(fn, td.OneHotCategorical):
+            value = value.argmax(-1)
+            fn = fn._categorical
+        else:
+            return fn, value, weight
+
+
+def _args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
+    args = {k: v for k, v in vars(fn).items() if not k.startswith("_") and isinstance(v, torch.Tensor)}
+    args["value"] = value
+    return args
+
+
+def plan_m_step(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, mode: str) -> MStepPlan:
+    """Decide how each param of ``model`` is updated (see the module docs).
+
+    :param mode: ``"auto"``, ``"gradient"`` (everything by gradient) or ``"closed_form"``.
+    :raises ValueError: with ``mode="closed_form"``, naming a param that has no closed form.
+    """
+    store = pyro.get_param_store()
+    with torch.enable_grad():
+        tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
+        scored = trace_model(model, args, kwargs, first_available_dim)
+    tracked = prune_subsample_sites(tracked)
+    names = [n for n, s in tracked.nodes.items() if s["type"] == "param"]
+    leaves = {p: n for n, p in store.named_parameters() if n in names}
+    plan = MStepPlan()
+    if mode == "gradient":
+        plan.gradient = {n: "m_step='gradient'" for n in names}
+        return plan
+
+    uses: Dict[str, List[Use]] = defaultdict(list)
+    reasons: Dict[str, str] = {}
+    for site_name, site in tracked.nodes.items():
+        if site["type"] != "sample":
+            continue
+        fn, value, _ = unwrap(site["fn"], site["value"], None)
+        direct = set()
+        for arg, t in _args(fn, value).items():
+            if not isinstance(t, Tracked):
+                for p in param_dependencies(t, leaves):
+                    reasons.setdefault(p, f"enters site '{site_name}' through a computation")
+                continue
+            ids = compact(t.ids)
+            plan.tracked_args.setdefault(site_name, {})[arg] = (t.param_name, ids)
+            direct.add(t.param_name)
+            rule = find_rule(type(fn), arg)
+            if rule is None:
+                reasons.setdefault(
+                    t.param_name, f"no rule for {type(fn).__name__}.{arg} at site '{site_name}'"
+                )
+                continue
+            ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None)
+            why = rule.check(ctx)
+            if why:
+                reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
+            else:
+                uses[t.param_name].append(Use(site_name, arg, ids, rule))
+        # A param may also reach the log density along a path no argument shows.
+        for p in param_dependencies(scored.nodes[site_name]["log_prob"], leaves) - direct:
+            reasons.setdefault(p, f"enters site '{site_name}' through a computation")
+
+    for name in names:
+        why = reasons.get(name) or _incompatible(uses.get(name, []))
+        if why:
+            plan.gradient[name] = why
+        else:
+            plan.closed_form[name] = uses[name]
+    plan.closed_form = dict(
+        sorted(plan.closed_form.items(), key=lambda kv: min(u.rule.priority for u in kv[1]))
+    )
+    if mode == "closed_form" and plan.gradient:
+        name, why = next(iter(plan.gradient.items()))
+        raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
+    logger.info("pyro_em M-step plan:\n%s", plan)
+    return plan
+
+
+def _incompatible(uses: List[Use]) -> Optional[str]:
+    if not uses:
+        return "no direct use with a closed-form rule"
+    kinds = {u.rule.kind for u in uses}
+    if len(kinds) > 1:
+        return f"its uses need different statistics ({', '.join(sorted(kinds))})"
+    solvers = {(type(u.rule).solve, u.arg) for u in uses if type(u.rule).solve is not Rule.solve}
+    if not solvers:
+        return "only a prior uses it"
+    if len(solvers) > 1:
+        return "it is used as different arguments (" + ", ".join(sorted(a for _, a in solvers)) + ")"
+    return None
+
+
+def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0) -> None:
+    """Apply the closed-form updates of ``plan`` with the posterior of ``estep``.
+
+    Params are updated in plan order; a rule that needs another argument of its distribution
+    (a scale needs the mean) sees values already updated in this M-step.
+
+    :raises ValueError: if an update is not finite or not valid for its constraint.
+    """
+    store = pyro.get_param_store()
+    trace = estep.trace
+    new: Dict[str, torch.Tensor] = {}
+    for name, uses in plan.closed_form.items():
+        old = store[name].detach()
+        stats: Dict[str, torch.Tensor] = {}
+        solver_ctx = None
+        for use in uses:
+            site = trace.nodes[use.site]
+            weight = packed.unpack(estep.weights[use.site], trace.symbol_to_dim)
+            fn, value, weight = unwrap(site["fn"], site["value"], weight)
+            ctx = UseContext(
+                fn, value, weight, use.ids, use.arg, old.numel(),
+                _current(plan.tracked_args.get(use.site, {}), fn, new), reg_covar,
+            )
+            for key, s in use.rule.summarize(ctx).items():
+                stats[key] = stats[key] + s if key in stats else s
+            if solver_ctx is None and type(use.rule).solve is not Rule.solve:
+                solver_ctx, solver = ctx, use.rule
+        new[name] = solver.solve(stats, old, solver_ctx).to(old.dtype)
+    with torch.no_grad():
+        for name, value in new.items():
+            unconstrained = transform_to(store._constraints[name]).inv(value)
+            if not bool(torch.isfinite(unconstrained).all()):
+                raise ValueError(
+                    f"The closed-form update of param '{name}' is not finite or leaves its "
+                    "constraint; check the data and the model around it."
+                )
+            store[name].unconstrained().copy_(unconstrained)
+
+
+def _current(tracked: Dict[str, Tuple[str, torch.Tensor]], fn, new: Dict[str, torch.Tensor]):
+    def current(arg: str) -> torch.Tensor:
+        if arg in tracked:
+            name, ids = tracked[arg]
+            value = new.get(name)
+            if value is None:
+                value = pyro.get_param_store()[name].detach()
+            return value.reshape(-1)[ids]
+        return getattr(fn, arg)
+
+    return current

@@ -1,0 +1,398 @@
+"""Closed-form M-step rules: weighted maximum likelihood (or MAP) updates of exponential families.
+
+A rule handles one distribution argument (``Normal.loc``, ``Categorical.probs``, ...) or, for
+conjugate priors on MAP sites, a distribution's *value* (``Dirichlet`` over a probs param).
+Following pomegranate's summarize / from_summaries split, :meth:`Rule.summarize` returns
+additive sufficient statistics pooled into the param's slots, and :meth:`Rule.solve` turns the
+statistics of all uses of a param into its new value. Uses of one param must share a ``kind``
+(the meaning of the statistics), which is how a prior's pseudo-counts add to the data's counts.
+
+Register a rule for your own distribution with :func:`register_m_step`.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributions as td
+
+Stats = Dict[str, torch.Tensor]
+
+
+@dataclass
+class UseContext:
+    """Everything a rule needs about one use of a param at one site.
+
+    :ivar fn: the site's distribution, unwrapped from ``Independent``, masks and expansion.
+    :ivar value: the site's value (observations, enumerated values, or the MAP value).
+    :ivar weight: posterior weight of each element of ``fn.log_prob(value)`` (broadcastable).
+    :ivar ids: for each element of the argument, the flat index of the param element it is.
+    :ivar arg: the argument name (``"value"`` for a use as the site's value).
+    :ivar current: ``current(arg)`` is the up-to-date value of another argument of ``fn``
+        (parameters updated earlier in this M-step included).
+    :ivar reg_covar: non-negative number added to variances and covariance diagonals.
+    """
+
+    fn: td.Distribution
+    value: torch.Tensor
+    weight: torch.Tensor
+    ids: torch.Tensor
+    arg: str
+    numel: int
+    current: Callable[[str], torch.Tensor]
+    reg_covar: float = 0.0
+
+    def pool(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (broadcastable to the argument's elements) into the param's flat slots."""
+        shape = torch.broadcast_shapes(t.shape, self.ids.shape)
+        reduced = t.expand(shape).sum_to_size(self.ids.shape)
+        out = reduced.new_zeros(self.numel)
+        return out.index_add_(0, self.ids.reshape(-1), reduced.reshape(-1))
+
+
+class Rule:
+    """A closed-form update for one distribution argument.
+
+    :ivar kind: what the statistics mean; all uses of a param must have the same kind.
+    :ivar priority: lower runs first (means before the scales that depend on them).
+    """
+
+    kind: str = ""
+    priority: int = 0
+
+    def check(self, ctx: UseContext) -> Optional[str]:
+        """Return why the rule cannot be used at this site, or ``None`` (called once, when
+        the M-step is planned)."""
+        return None
+
+    def summarize(self, ctx: UseContext) -> Stats:
+        """Additive sufficient statistics of this use, each of shape ``(ctx.numel, ...)``."""
+        raise NotImplementedError
+
+    def solve(self, stats: Stats, old: torch.Tensor, ctx: UseContext) -> torch.Tensor:
+        """The new constrained param value from the pooled statistics of all its uses
+        (``ctx`` is one likelihood use, for ``ctx.arg`` and ``ctx.reg_covar``). Slots without
+        data keep their ``old`` value. Prior-only rules need not implement it."""
+        raise NotImplementedError
+
+
+_RULES: Dict[tuple, Rule] = {}
+
+
+def register_m_step(dist_type: type, arg: str) -> Callable[[type], type]:
+    """Class decorator registering a :class:`Rule` for argument ``arg`` of ``dist_type``.
+
+    Use ``arg="value"`` for a conjugate prior whose value is a MAP-estimated param. Subclasses
+    of ``dist_type`` use the rule too.
+
+    Example (a Rayleigh emission ``x ~ Rayleigh(sigma[z])``, whose MLE is
+    ``sigma^2 = sum w x^2 / (2 sum w)``)::
+
+        @register_m_step(Rayleigh, "scale")
+        class RayleighScale(Rule):
+            kind = "rayleigh_scale"
+
+            def summarize(self, ctx):
+                return {"sxx": ctx.pool(ctx.weight * ctx.value**2), "sw": ctx.pool(ctx.weight)}
+
+            def solve(self, stats, old, ctx):
+                return keep_old(old, (stats["sxx"] / (2 * stats["sw"])).sqrt(), stats["sw"])
+    """
+
+    def decorate(cls: type) -> type:
+        _RULES[(dist_type, arg)] = cls()
+        return cls
+
+    return decorate
+
+
+def find_rule(dist_type: type, arg: str) -> Optional[Rule]:
+    """The rule registered for ``arg`` of ``dist_type`` or its nearest base class."""
+    for base in dist_type.__mro__:
+        rule = _RULES.get((base, arg))
+        if rule is not None:
+            return rule
+    return None
+
+
+def keep_old(old: torch.Tensor, new: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """``new`` where a slot has positive statistical support, else ``old`` (no data, no update)."""
+    support = support.reshape(support.shape + (1,) * (old.dim() - support.dim()))
+    return torch.where(support > 0, new.reshape(old.shape), old)
+
+
+def _slots(t: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return t.reshape(old.shape)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+# ---------------------------------------------------------------------------------------------
+# Categorical and OneHotCategorical (unwrapped to Categorical): expected counts.
+
+
+@register_m_step(td.Categorical, "probs")
+@register_m_step(td.Categorical, "logits")
+class CategoricalRule(Rule):
+    kind = "categorical"
+
+    def summarize(self, ctx):
+        K = ctx.fn._num_events
+        onehot = ctx.value.long().unsqueeze(-1) == torch.arange(K, device=ctx.value.device)
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1) * onehot)}
+
+    def solve(self, stats, old, ctx):
+        counts = _slots(stats["counts"], old)
+        total = counts.sum(-1, keepdim=True)
+        # A probability of exactly 0 has no unconstrained value; the smallest normal float
+        # stands in for it.
+        probs = _ratio(counts, total).clamp_min(torch.finfo(counts.dtype).tiny)
+        probs = probs / probs.sum(-1, keepdim=True)
+        return keep_old(old, probs if ctx.arg == "probs" else probs.log(), total.squeeze(-1))
+
+
+@register_m_step(td.Dirichlet, "value")
+class DirichletPrior(Rule):
+    kind = "categorical"
+
+    def check(self, ctx):
+        if bool((ctx.fn.concentration < 1).any()):
+            return "its Dirichlet prior has concentration < 1, whose mode is on the boundary"
+        return None
+
+    def summarize(self, ctx):
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1) * (ctx.fn.concentration - 1))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bernoulli and Binomial: successes over trials.
+
+
+class _SuccessRule(Rule):
+    kind = "bernoulli"
+
+    def solve(self, stats, old, ctx):
+        s1, n = _slots(stats["successes"], old), _slots(stats["trials"], old)
+        eps = torch.finfo(old.dtype).eps
+        p = _ratio(s1, n).clamp(eps, 1 - eps)
+        return keep_old(old, p if ctx.arg == "probs" else p.log() - (-p).log1p(), n)
+
+
+@register_m_step(td.Bernoulli, "probs")
+@register_m_step(td.Bernoulli, "logits")
+class BernoulliRule(_SuccessRule):
+    def summarize(self, ctx):
+        return {"successes": ctx.pool(ctx.weight * ctx.value), "trials": ctx.pool(ctx.weight)}
+
+
+@register_m_step(td.Binomial, "probs")
+@register_m_step(td.Binomial, "logits")
+class BinomialRule(_SuccessRule):
+    def summarize(self, ctx):
+        return {
+            "successes": ctx.pool(ctx.weight * ctx.value),
+            "trials": ctx.pool(ctx.weight * ctx.fn.total_count),
+        }
+
+
+@register_m_step(td.Beta, "value")
+class BetaPrior(Rule):
+    kind = "bernoulli"
+
+    def check(self, ctx):
+        if bool((ctx.fn.concentration1 < 1).any() or (ctx.fn.concentration0 < 1).any()):
+            return "its Beta prior has a concentration < 1, whose mode is on the boundary"
+        return None
+
+    def summarize(self, ctx):
+        a, b = ctx.fn.concentration1, ctx.fn.concentration0
+        return {"successes": ctx.pool(ctx.weight * (a - 1)), "trials": ctx.pool(ctx.weight * (a + b - 2))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rates: Poisson (events per unit of exposure) and Exponential (units of time per event) share
+# the statistics (events, exposure), and so a Gamma prior: a - 1 pseudo-events, b of exposure.
+
+
+class _RateRule(Rule):
+    kind = "rate"
+
+    def solve(self, stats, old, ctx):
+        events, exposure = _slots(stats["events"], old), _slots(stats["exposure"], old)
+        rate = _ratio(events, exposure).clamp_min(torch.finfo(old.dtype).tiny)
+        return keep_old(old, rate, exposure)
+
+
+@register_m_step(td.Poisson, "rate")
+class PoissonRule(_RateRule):
+    def summarize(self, ctx):
+        return {"events": ctx.pool(ctx.weight * ctx.value), "exposure": ctx.pool(ctx.weight)}
+
+
+@register_m_step(td.Exponential, "rate")
+class ExponentialRule(_RateRule):
+    def summarize(self, ctx):
+        return {"events": ctx.pool(ctx.weight), "exposure": ctx.pool(ctx.weight * ctx.value)}
+
+
+@register_m_step(td.Gamma, "value")
+class GammaPrior(Rule):
+    kind = "rate"
+
+    def check(self, ctx):
+        if bool((ctx.fn.concentration < 1).any()):
+            return "its Gamma prior has concentration < 1, whose mode is at zero"
+        return None
+
+    def summarize(self, ctx):
+        return {
+            "events": ctx.pool(ctx.weight * (ctx.fn.concentration - 1)),
+            "exposure": ctx.pool(ctx.weight * ctx.fn.rate),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Normal: precision-weighted means, then variances about the updated means.
+
+
+@register_m_step(td.Normal, "loc")
+class NormalLocRule(Rule):
+    """``loc = sum w x / s^2 / sum w / s^2`` with the current scales ``s``: the exact maximizer
+    given the scales (joint with them when the scale is constant within each loc slot, as in
+    every mixture written with ``locs[z]``)."""
+
+    kind = "normal_loc"
+
+    def summarize(self, ctx):
+        precision = ctx.weight / ctx.fn.scale**2
+        return {"wx": ctx.pool(precision * ctx.value), "w": ctx.pool(precision)}
+
+    def solve(self, stats, old, ctx):
+        w = _slots(stats["w"], old)
+        return keep_old(old, _ratio(_slots(stats["wx"], old), w), w)
+
+
+@register_m_step(td.Normal, "value")
+class NormalPrior(Rule):
+    kind = "normal_loc"
+
+    def summarize(self, ctx):
+        precision = ctx.weight / ctx.fn.scale**2
+        return {"wx": ctx.pool(precision * ctx.fn.loc), "w": ctx.pool(precision)}
+
+
+@register_m_step(td.Normal, "scale")
+class NormalScaleRule(Rule):
+    kind = "normal_scale"
+    priority = 1
+
+    def summarize(self, ctx):
+        return {
+            "ss": ctx.pool(ctx.weight * (ctx.value - ctx.current("loc")) ** 2),
+            "w": ctx.pool(ctx.weight.expand(torch.broadcast_shapes(ctx.weight.shape, ctx.value.shape))),
+        }
+
+    def solve(self, stats, old, ctx):
+        w = _slots(stats["w"], old)
+        return keep_old(old, (_ratio(_slots(stats["ss"], old), w) + ctx.reg_covar).sqrt(), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# MultivariateNormal: weighted means, scatter matrices about the updated means.
+
+
+def _varies_within(t: torch.Tensor, ids: torch.Tensor, event_dims: int) -> bool:
+    """Whether ``t`` changes along a batch dim over which ``ids`` (one param slot) is pooled."""
+    batch = torch.broadcast_shapes(t.shape[: t.dim() - event_dims], ids.shape[: ids.dim() - 1])
+    t = t.expand(batch + t.shape[t.dim() - event_dims :])
+    ids_batch = ids.shape[: ids.dim() - 1]
+    offset = len(batch) - len(ids_batch)
+    for dim, size in enumerate(batch):
+        pooled = dim < offset or ids_batch[dim - offset] == 1
+        if pooled and size > 1 and not bool((t == t.narrow(dim, 0, 1)).all()):
+            return True
+    return False
+
+
+@register_m_step(td.MultivariateNormal, "loc")
+class MultivariateNormalLocRule(Rule):
+    kind = "mvn_loc"
+
+    def check(self, ctx):
+        L = ctx.fn._unbroadcasted_scale_tril
+        if _varies_within(L, ctx.ids, 2):
+            return "the covariance varies within one of its mean's slots (a shared mean)"
+        return None
+
+    def summarize(self, ctx):
+        w = ctx.weight.unsqueeze(-1)
+        return {"wx": ctx.pool(w * ctx.value), "w": ctx.pool(w.expand(w.shape[:-1] + ctx.value.shape[-1:]))}
+
+    solve = NormalLocRule.solve
+
+
+class _CovarianceRule(Rule):
+    """Covariance ``sum w (x - mu)(x - mu)^T / sum w`` (+ ``reg_covar`` on the diagonal),
+    pooled over the slots of a ``scale_tril``, ``covariance_matrix`` or ``precision_matrix``
+    param (one per component, or tied). The scatter matrices are batched matmuls over the
+    data, never an N x K x D x D tensor."""
+
+    kind = "mvn_cov"
+    priority = 1
+
+    def check(self, ctx):
+        D = ctx.ids.shape[-1]
+        first = ctx.ids[..., :1, :1]
+        block = torch.arange(D * D, device=ctx.ids.device).reshape(D, D)
+        if not bool((ctx.ids == first + block).all()):
+            return "its matrices are not contiguous D x D blocks of the param"
+        return None
+
+    def summarize(self, ctx):
+        D = ctx.ids.shape[-1]
+        diff = ctx.value - ctx.current("loc")
+        weight = ctx.weight
+        batch = torch.broadcast_shapes(weight.shape, diff.shape[:-1], ctx.ids.shape[:-2])
+        slot = ctx.ids[..., 0, 0] // (D * D)
+        slot = slot.reshape((1,) * (len(batch) - slot.dim()) + slot.shape)
+        groups = [i for i, n in enumerate(slot.shape) if n > 1]
+        pooled = [i for i, n in enumerate(slot.shape) if n == 1]
+        # sqrt(w) (x - mu), arranged (slot groups, pooled elements, D): one N x K x D tensor.
+        scaled = (diff.expand(batch + (D,)) * weight.expand(batch).sqrt().unsqueeze(-1))
+        scaled = scaled.permute(groups + pooled + [len(batch)])
+        g = math.prod(batch[i] for i in groups)
+        scaled = scaled.reshape(g, -1, D)
+        scatter = scaled.mT @ scaled
+        slot = slot.permute(groups + pooled).reshape(-1)  # g slots: pooled dims have size 1
+        n_slots = ctx.numel // (D * D)
+        S = scatter.new_zeros(n_slots, D, D).index_add_(0, slot, scatter)
+        w = weight.expand(batch).permute(groups + pooled).reshape(g, -1).sum(-1)
+        return {"scatter": S, "w": w.new_zeros(n_slots).index_add_(0, slot, w)}
+
+    def solve(self, stats, old, ctx):
+        W = stats["w"]
+        eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
+        cov = stats["scatter"] / W.clamp_min(torch.finfo(old.dtype).tiny)[:, None, None] + ctx.reg_covar * eye
+        cov = cov.reshape(old.shape)
+        L, info = torch.linalg.cholesky_ex(cov)
+        bad = (info > 0) & (W.reshape(info.shape) > 0)
+        if bool(bad.any()):
+            raise ValueError(
+                "A covariance update is not positive definite (a component collapsed onto "
+                "fewer than D + 1 points); set reg_covar > 0, use fewer components, or put a "
+                "prior on the covariance."
+            )
+        if ctx.arg == "scale_tril":
+            new = L
+        elif ctx.arg == "covariance_matrix":
+            new = cov
+        else:
+            new = torch.cholesky_inverse(L)
+        return keep_old(old, new, W.reshape(old.shape[:-2]))
+
+
+for _arg in ("scale_tril", "covariance_matrix", "precision_matrix"):
+    register_m_step(td.MultivariateNormal, _arg)(type(f"MultivariateNormal_{_arg}", (_CovarianceRule,), {}))

@@ -1,0 +1,164 @@
+"""Find where parameters enter distributions directly.
+
+For one analysis trace, each param value is replaced by a :class:`Tracked` tensor: the same
+values, plus ``ids``, an integer tensor giving for each element the flat index of the param
+element it *is*. Pure data-movement ops (indexing by enumerated values as in ``locs[z]``,
+``expand``, broadcasting, reshapes) apply the same op to ``ids``; Categorical's row
+normalization (``probs / probs.sum(-1, keepdim=True)``, ``logits - logits.logsumexp(-1)``)
+keeps them too. Any other op returns a plain tensor. So after the trace, a distribution
+argument that is still tracked is a param, indexed by latents and broadcast: the case a
+closed-form M-step can handle, with ``ids`` saying which param slot each element pools into.
+"""
+
+from typing import Dict, Iterable, Optional, Set
+
+import torch
+from pyro.poutine.messenger import Messenger
+from torch.utils._pytree import tree_map
+
+# Ops that only move elements around: ids follow by the same op.
+_MOVES = {
+    torch.Tensor.__getitem__,
+    torch.Tensor.expand,
+    torch.Tensor.expand_as,
+    torch.Tensor.unsqueeze,
+    torch.Tensor.squeeze,
+    torch.Tensor.reshape,
+    torch.Tensor.view,
+    torch.Tensor.view_as,
+    torch.Tensor.permute,
+    torch.Tensor.transpose,
+    torch.Tensor.movedim,
+    torch.Tensor.contiguous,
+    torch.Tensor.clone,
+    torch.Tensor.detach,
+    torch.broadcast_to,
+    torch.Tensor.broadcast_to,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.movedim,
+}
+_ROW_REDUCTIONS = {torch.Tensor.sum: "sum", torch.sum: "sum", torch.Tensor.logsumexp: "lse", torch.logsumexp: "lse"}
+_DIVS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.div}
+_SUBS = {torch.Tensor.sub, torch.Tensor.__sub__, torch.sub}
+_TRIVIAL = {torch.Tensor.dim, torch.Tensor.size, torch.Tensor.ndimension, torch.Tensor.numel}
+
+
+class Tracked(torch.Tensor):
+    """A tensor that knows which elements of param ``name`` it holds (see module docs).
+
+    ``role`` is ``"value"`` for the param itself (or a rearrangement of it), ``"rowsum"`` /
+    ``"rowlse"`` for its sum / logsumexp over the last dim (kept only to recognize row
+    normalization), and ``"normalized"`` after dividing by the row sum or subtracting the
+    row logsumexp.
+    """
+
+    param_name: str
+    ids: torch.Tensor
+    role: str
+
+    @staticmethod
+    def wrap(value: torch.Tensor, name: str, ids: torch.Tensor, role: str = "value") -> "Tracked":
+        out = value.as_subclass(Tracked)
+        out.param_name, out.ids, out.role = name, ids, role
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = tree_map(_plain, (args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*plain[0], **plain[1])
+        if func in _TRIVIAL:
+            return out
+        return _propagate(func, args, kwargs, out)
+
+
+def _plain(x):
+    if isinstance(x, Tracked):
+        with torch._C.DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor)
+    return x
+
+
+def _propagate(func, args, kwargs, out):
+    if func is torch.broadcast_tensors or func is torch.functional.broadcast_tensors:
+        return tuple(
+            Tracked.wrap(o, a.param_name, a.ids.expand(o.shape), a.role) if isinstance(a, Tracked) else o
+            for a, o in zip(args, out)
+        )
+    if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], Tracked):
+        return out
+    src = args[0]
+    if func in _MOVES and src.role in ("value", "normalized"):
+        ids_args = (src.ids,) + tuple(_plain(a) for a in args[1:])
+        with torch._C.DisableTorchFunctionSubclass():
+            ids = func(*ids_args, **tree_map(_plain, kwargs))
+        return Tracked.wrap(out, src.param_name, ids, src.role)
+    if func in _ROW_REDUCTIONS and src.role == "value" and _is_last_dim_keepdim(src, args, kwargs):
+        return Tracked.wrap(out, src.param_name, src.ids, "row" + _ROW_REDUCTIONS[func])
+    other = args[1] if len(args) > 1 else None
+    if (
+        isinstance(other, Tracked)
+        and other.param_name == src.param_name
+        and src.role == "value"
+        and (
+            (func in _DIVS and other.role == "rowsum")
+            or (func in _SUBS and other.role == "rowlse")
+        )
+        and out.shape == src.shape
+    ):
+        return Tracked.wrap(out, src.param_name, src.ids, "normalized")
+    return out
+
+
+def _is_last_dim_keepdim(src, args, kwargs) -> bool:
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    return keepdim and dim in (-1, src.dim() - 1)
+
+
+class TrackParams(Messenger):
+    """Return every ``pyro.param`` value as a :class:`Tracked` tensor (for an analysis trace)."""
+
+    def _pyro_post_param(self, msg) -> None:
+        value = msg["value"]
+        if isinstance(value, Tracked):
+            return
+        ids = torch.arange(value.numel(), device=value.device).reshape(value.shape)
+        msg["value"] = Tracked.wrap(value, msg["name"], ids)
+
+
+def compact(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the broadcast (stride-0) extent of an expanded ids tensor, keeping its rank."""
+    index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(ids.stride(), ids.shape))
+    return ids[index]
+
+
+def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor, str]) -> Set[str]:
+    """Names of the params (given by their unconstrained leaf tensors) that ``tensor`` depends on,
+    found by walking its autograd graph."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return set()
+    if tensor.grad_fn is None:
+        return {leaves[tensor]} if tensor in leaves else set()
+    found, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and variable in leaves:
+            found.add(leaves[variable])
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def tracked_args(tensors: Iterable) -> Iterable[Tracked]:
+    return (t for t in tensors if isinstance(t, Tracked))
