@@ -18,12 +18,14 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
 import torch
 import pyro.poutine as poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import config_enumerate
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
+from . import kernels
 from ._validation import check_enumerated_trace, explain_bad_log_z
 
 
@@ -64,7 +66,17 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
     check_enumerated_trace(trace)
-    trace.compute_log_prob()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            fn, value = site["fn"], site["value"]
+            try:
+                lp = kernels.log_prob(fn, value) if not site["args"] and not site["kwargs"] else (
+                    fn.log_prob(value, *site["args"], **site["kwargs"])
+                )
+            except ValueError as e:
+                raise ValueError(f"Error while computing log_prob at site '{name}': {e}") from e
+            site["unscaled_log_prob"] = lp
+            site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
     trace.pack_tensors()
     return trace
 

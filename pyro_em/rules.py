@@ -11,6 +11,7 @@ Register a rule for your own distribution with :func:`register_m_step`.
 """
 
 import math
+import string
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -43,12 +44,30 @@ class UseContext:
     current: Callable[[str], torch.Tensor]
     reg_covar: float = 0.0
 
-    def pool(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` (broadcastable to the argument's elements) into the param's flat slots."""
-        shape = torch.broadcast_shapes(t.shape, self.ids.shape)
-        reduced = t.expand(shape).sum_to_size(self.ids.shape)
-        out = reduced.new_zeros(self.numel)
-        return out.index_add_(0, self.ids.reshape(-1), reduced.reshape(-1))
+    def pool(self, *factors: torch.Tensor) -> torch.Tensor:
+        """Sum the product of ``factors`` (each broadcastable to the argument's elements) into
+        the param's flat slots. The product is contracted by one ``einsum``, so weighted sums
+        over the data are matrix products, never materialized element-wise."""
+        full = torch.broadcast_shapes(*(f.shape for f in factors), self.ids.shape)
+        n = len(full)
+
+        def letters(shape):
+            shape = (1,) * (n - len(shape)) + tuple(shape)
+            return "".join(_LETTERS[i] for i, size in enumerate(shape) if size > 1)
+
+        inputs = [letters(f.shape) for f in factors]
+        present = set("".join(inputs))
+        output = "".join(c for c in letters(self.ids.shape) if c in present)
+        ops = [f.reshape(tuple(s for s in f.shape if s > 1)) for f in factors]
+        summed = torch.einsum(",".join(inputs) + "->" + output, *ops)
+        # Restore the size-1 dims (and those along which only the ids vary) to the ids' shape.
+        shape = [full[_LETTERS.index(c)] if c in output else 1 for c in map(_LETTERS.__getitem__, range(n))]
+        summed = summed.reshape(shape[n - self.ids.dim():]).expand(self.ids.shape)
+        out = summed.new_zeros(self.numel)
+        return out.index_add_(0, self.ids.reshape(-1), summed.reshape(-1))
+
+
+_LETTERS = string.ascii_letters
 
 
 class Rule:
@@ -142,7 +161,7 @@ class CategoricalRule(Rule):
     def summarize(self, ctx):
         K = ctx.fn._num_events
         onehot = ctx.value.long().unsqueeze(-1) == torch.arange(K, device=ctx.value.device)
-        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1) * onehot)}
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), onehot.to(ctx.weight.dtype))}
 
     def solve(self, stats, old, ctx):
         counts = _slots(stats["counts"], old)
@@ -164,7 +183,7 @@ class DirichletPrior(Rule):
         return None
 
     def summarize(self, ctx):
-        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1) * (ctx.fn.concentration - 1))}
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), ctx.fn.concentration - 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ class _SuccessRule(Rule):
 @register_m_step(td.Bernoulli, "logits")
 class BernoulliRule(_SuccessRule):
     def summarize(self, ctx):
-        return {"successes": ctx.pool(ctx.weight * ctx.value), "trials": ctx.pool(ctx.weight)}
+        return {"successes": ctx.pool(ctx.weight, ctx.value), "trials": ctx.pool(ctx.weight)}
 
 
 @register_m_step(td.Binomial, "probs")
@@ -193,8 +212,8 @@ class BernoulliRule(_SuccessRule):
 class BinomialRule(_SuccessRule):
     def summarize(self, ctx):
         return {
-            "successes": ctx.pool(ctx.weight * ctx.value),
-            "trials": ctx.pool(ctx.weight * ctx.fn.total_count),
+            "successes": ctx.pool(ctx.weight, ctx.value),
+            "trials": ctx.pool(ctx.weight, ctx.fn.total_count),
         }
 
 
@@ -209,7 +228,7 @@ class BetaPrior(Rule):
 
     def summarize(self, ctx):
         a, b = ctx.fn.concentration1, ctx.fn.concentration0
-        return {"successes": ctx.pool(ctx.weight * (a - 1)), "trials": ctx.pool(ctx.weight * (a + b - 2))}
+        return {"successes": ctx.pool(ctx.weight, a - 1), "trials": ctx.pool(ctx.weight, a + b - 2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,13 +248,13 @@ class _RateRule(Rule):
 @register_m_step(td.Poisson, "rate")
 class PoissonRule(_RateRule):
     def summarize(self, ctx):
-        return {"events": ctx.pool(ctx.weight * ctx.value), "exposure": ctx.pool(ctx.weight)}
+        return {"events": ctx.pool(ctx.weight, ctx.value), "exposure": ctx.pool(ctx.weight)}
 
 
 @register_m_step(td.Exponential, "rate")
 class ExponentialRule(_RateRule):
     def summarize(self, ctx):
-        return {"events": ctx.pool(ctx.weight), "exposure": ctx.pool(ctx.weight * ctx.value)}
+        return {"events": ctx.pool(ctx.weight), "exposure": ctx.pool(ctx.weight, ctx.value)}
 
 
 @register_m_step(td.Gamma, "value")
@@ -249,8 +268,8 @@ class GammaPrior(Rule):
 
     def summarize(self, ctx):
         return {
-            "events": ctx.pool(ctx.weight * (ctx.fn.concentration - 1)),
-            "exposure": ctx.pool(ctx.weight * ctx.fn.rate),
+            "events": ctx.pool(ctx.weight, ctx.fn.concentration - 1),
+            "exposure": ctx.pool(ctx.weight, ctx.fn.rate),
         }
 
 
@@ -268,7 +287,7 @@ class NormalLocRule(Rule):
 
     def summarize(self, ctx):
         precision = ctx.weight / ctx.fn.scale**2
-        return {"wx": ctx.pool(precision * ctx.value), "w": ctx.pool(precision)}
+        return {"wx": ctx.pool(precision, ctx.value), "w": ctx.pool(precision)}
 
     def solve(self, stats, old, ctx):
         w = _slots(stats["w"], old)
@@ -281,7 +300,7 @@ class NormalPrior(Rule):
 
     def summarize(self, ctx):
         precision = ctx.weight / ctx.fn.scale**2
-        return {"wx": ctx.pool(precision * ctx.fn.loc), "w": ctx.pool(precision)}
+        return {"wx": ctx.pool(precision, ctx.fn.loc), "w": ctx.pool(precision)}
 
 
 @register_m_step(td.Normal, "scale")
@@ -291,8 +310,8 @@ class NormalScaleRule(Rule):
 
     def summarize(self, ctx):
         return {
-            "ss": ctx.pool(ctx.weight * (ctx.value - ctx.current("loc")) ** 2),
-            "w": ctx.pool(ctx.weight.expand(torch.broadcast_shapes(ctx.weight.shape, ctx.value.shape))),
+            "ss": ctx.pool(ctx.weight, (ctx.value - ctx.current("loc")) ** 2),
+            "w": ctx.pool(ctx.weight, torch.ones_like(ctx.value)),
         }
 
     def solve(self, stats, old, ctx):
@@ -329,7 +348,7 @@ class MultivariateNormalLocRule(Rule):
 
     def summarize(self, ctx):
         w = ctx.weight.unsqueeze(-1)
-        return {"wx": ctx.pool(w * ctx.value), "w": ctx.pool(w.expand(w.shape[:-1] + ctx.value.shape[-1:]))}
+        return {"wx": ctx.pool(w, ctx.value), "w": ctx.pool(w)}
 
     solve = NormalLocRule.solve
 
@@ -361,7 +380,8 @@ class _CovarianceRule(Rule):
         groups = [i for i, n in enumerate(slot.shape) if n > 1]
         pooled = [i for i, n in enumerate(slot.shape) if n == 1]
         # sqrt(w) (x - mu), arranged (slot groups, pooled elements, D): one N x K x D tensor.
-        scaled = (diff.expand(batch + (D,)) * weight.expand(batch).sqrt().unsqueeze(-1))
+        scaled = diff.expand(batch + (D,)).contiguous() if diff.shape[:-1] != batch else diff
+        scaled.mul_(weight.sqrt().unsqueeze(-1))
         scaled = scaled.permute(groups + pooled + [len(batch)])
         g = math.prod(batch[i] for i in groups)
         scaled = scaled.reshape(g, -1, D)

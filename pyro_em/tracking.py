@@ -134,10 +134,11 @@ class TrackParams(Messenger):
         msg["value"] = Tracked.wrap(value, msg["name"], ids)
 
 
-def compact(ids: torch.Tensor) -> torch.Tensor:
-    """Drop the broadcast (stride-0) extent of an expanded ids tensor, keeping its rank."""
-    index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(ids.stride(), ids.shape))
-    return ids[index]
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """Drop the broadcast (stride-0) extent of an expanded tensor, keeping its rank: a view
+    whose dims have size 1 wherever ``t`` repeats itself by broadcasting."""
+    index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))
+    return t[index]
 
 
 def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor, str]) -> Set[str]:
