@@ -1,8 +1,21 @@
 """pyro_em: Expectation-Maximization for Pyro models with discrete latent variables."""
 
+from .closed_form import MStepPlan
 from .em import EM, ConvergenceWarning, EMResult
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
+from .rules import Rule, UseContext, register_m_step
 
-__all__ = ["EM", "EMResult", "ConvergenceWarning", "EStep", "e_step", "MapMessenger"]
+__all__ = [
+    "EM",
+    "EMResult",
+    "ConvergenceWarning",
+    "EStep",
+    "e_step",
+    "MapMessenger",
+    "MStepPlan",
+    "Rule",
+    "UseContext",
+    "register_m_step",
+]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from pyro.ops import packed
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
+from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
 from .rules import Rule, UseContext, find_rule
@@ -85,7 +86,16 @@ def unwrap(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tens
 
 
 def _args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
-    args = {k: v for k, v in vars(fn).items() if not k.startswith("_") and isinstance(v, torch.Tensor)}
+    """The distribution's tensor arguments and its value. Untracked lazy properties (say
+    ``logits`` computed from given ``probs``) are derived, not arguments: skipped here, while
+    the dependency walk over the log density still sees any param behind them."""
+    args = {
+        k: v
+        for k, v in vars(fn).items()
+        if not k.startswith("_")
+        and isinstance(v, torch.Tensor)
+        and (isinstance(v, Tracked) or not isinstance(getattr(type(fn), k, None), lazy_property))
+    }
     args["value"] = value
     return args
 
