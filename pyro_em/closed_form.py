@@ -38,6 +38,7 @@ class Use:
     arg: str
     ids: torch.Tensor
     rule: Rule
+    joint: bool = False
 
 
 @dataclass
@@ -158,11 +159,28 @@ def plan_m_step(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     plan.closed_form = dict(
         sorted(plan.closed_form.items(), key=lambda kv: min(u.rule.priority for u in kv[1]))
     )
+    _mark_joint_updates(plan)
     if mode == "closed_form" and plan.gradient:
         name, why = next(iter(plan.gradient.items()))
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
     logger.info("pyro_em M-step plan:\n%s", plan)
     return plan
+
+
+def _mark_joint_updates(plan: MStepPlan) -> None:
+    """A use is joint when its rule's partner argument is a closed-form param updated later,
+    over exactly the same slots (same param shape, same ids); all uses of a param must agree."""
+    order = list(plan.closed_form)
+    for name, uses in plan.closed_form.items():
+        for use in uses:
+            partner = plan.tracked_args.get(use.site, {}).get(use.rule.partner) if use.rule.partner else None
+            if partner is not None and partner[0] in order[order.index(name) + 1 :]:
+                p_ids = partner[1]
+                same_shape = pyro.get_param_store()[partner[0]].shape == pyro.get_param_store()[name].shape
+                use.joint = same_shape and p_ids.shape == use.ids.shape and bool((p_ids == use.ids).all())
+        if not all(u.joint for u in uses):
+            for u in uses:
+                u.joint = False
 
 
 def _incompatible(uses: List[Use]) -> Optional[str]:
@@ -200,7 +218,7 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0) ->
             fn, value, weight = unwrap(site["fn"], site["value"], weight)
             ctx = UseContext(
                 fn, value, weight, use.ids, use.arg, old.numel(),
-                _current(plan.tracked_args.get(use.site, {}), fn, new), reg_covar,
+                _current(plan.tracked_args.get(use.site, {}), fn, new), reg_covar, use.joint,
             )
             for key, s in use.rule.summarize(ctx).items():
                 stats[key] = stats[key] + s if key in stats else s

@@ -33,6 +33,8 @@ class UseContext:
     :ivar current: ``current(arg)`` is the up-to-date value of another argument of ``fn``
         (parameters updated earlier in this M-step included).
     :ivar reg_covar: non-negative number added to variances and covariance diagonals.
+    :ivar joint: whether the rule's ``partner`` argument is updated in closed form right after
+        this param, over the same slots (so a joint, profile-likelihood update is exact).
     """
 
     fn: td.Distribution
@@ -43,6 +45,7 @@ class UseContext:
     numel: int
     current: Callable[[str], torch.Tensor]
     reg_covar: float = 0.0
+    joint: bool = False
 
     def pool(self, *factors: torch.Tensor) -> torch.Tensor:
         """Sum the product of ``factors`` (each broadcastable to the argument's elements) into
@@ -75,10 +78,13 @@ class Rule:
 
     :ivar kind: what the statistics mean; all uses of a param must have the same kind.
     :ivar priority: lower runs first (means before the scales that depend on them).
+    :ivar partner: another argument of the same distribution whose joint update this rule can
+        make exact (see :attr:`UseContext.joint`), e.g. a Gamma's rate for its concentration.
     """
 
     kind: str = ""
     priority: int = 0
+    partner: Optional[str] = None
 
     def check(self, ctx: UseContext) -> Optional[str]:
         """Return why the rule cannot be used at this site, or ``None`` (called once, when
@@ -271,6 +277,130 @@ class GammaPrior(Rule):
             "events": ctx.pool(ctx.weight, ctx.fn.concentration - 1),
             "exposure": ctx.pool(ctx.weight, ctx.fn.rate),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Gamma: the concentration has no closed form; a few Newton steps on its score equation
+# (Minka 2002) replace it. Jointly with a closed-form rate over the same slots, the profile
+# likelihood gives the exact joint maximizer; otherwise the update is the exact maximizer given
+# the current rate.
+
+
+def _solve_digamma(target: torch.Tensor, guess: torch.Tensor, profile: bool) -> torch.Tensor:
+    """Solve ``log a - digamma(a) = target`` (profile) or ``digamma(a) = target`` by Newton."""
+    a = guess
+    for _ in range(30):
+        if profile:
+            f, df = a.log() - torch.digamma(a) - target, 1 / a - torch.polygamma(1, a)
+        else:
+            f, df = torch.digamma(a) - target, torch.polygamma(1, a)
+        step = f / df
+        a = torch.where(a - step > 0, a - step, a / 2)
+        if bool((step.abs() <= 1e-14 * a).all()):
+            break
+    return a
+
+
+@register_m_step(td.Gamma, "concentration")
+class GammaConcentrationRule(Rule):
+    kind = "gamma_concentration"
+    partner = "rate"
+
+    def summarize(self, ctx):
+        stats = {"w": ctx.pool(ctx.weight), "wlogx": ctx.pool(ctx.weight, ctx.value.log())}
+        if ctx.joint:
+            stats["wx"] = ctx.pool(ctx.weight, ctx.value)
+        else:
+            stats["wlogb"] = ctx.pool(ctx.weight, ctx.current("rate").log())
+        return stats
+
+    def solve(self, stats, old, ctx):
+        w = _slots(stats["w"], old)
+        mean_log_x = _ratio(_slots(stats["wlogx"], old), w)
+        if ctx.joint:
+            s = (_ratio(_slots(stats["wx"], old), w).log() - mean_log_x).clamp_min(torch.finfo(old.dtype).eps)
+            guess = (3 - s + ((s - 3) ** 2 + 24 * s).sqrt()) / (12 * s)
+            new = _solve_digamma(s, guess, profile=True)
+        else:
+            new = _solve_digamma(mean_log_x + _ratio(_slots(stats["wlogb"], old), w), old, profile=False)
+        return keep_old(old, new, w)
+
+
+@register_m_step(td.Gamma, "rate")
+class GammaRateRule(Rule):
+    """``rate = sum w a / sum w x`` with the current (just updated) concentrations ``a``."""
+
+    kind = "gamma_rate"
+    priority = 1
+
+    def summarize(self, ctx):
+        return {"wa": ctx.pool(ctx.weight, ctx.current("concentration")), "wx": ctx.pool(ctx.weight, ctx.value)}
+
+    def solve(self, stats, old, ctx):
+        wx = _slots(stats["wx"], old)
+        return keep_old(old, _ratio(_slots(stats["wa"], old), wx), wx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beta: Newton steps on the score equations digamma(a) - digamma(a + b) = mean log x and
+# digamma(b) - digamma(a + b) = mean log(1 - x), jointly in (a, b) when both are closed-form
+# params over the same slots, else for one given the other's current value.
+
+
+def _beta_newton(a, b, log_x, log_1mx, update_a: bool, update_b: bool):
+    for _ in range(50):
+        psi_ab, tri_ab = torch.digamma(a + b), torch.polygamma(1, a + b)
+        ga = torch.digamma(a) - psi_ab - log_x
+        gb = torch.digamma(b) - psi_ab - log_1mx
+        haa, hbb = torch.polygamma(1, a) - tri_ab, torch.polygamma(1, b) - tri_ab
+        if update_a and update_b:
+            det = haa * hbb - tri_ab**2
+            da, db = (hbb * ga + tri_ab * gb) / det, (haa * gb + tri_ab * ga) / det
+        else:
+            da = ga / haa if update_a else torch.zeros_like(a)
+            db = gb / hbb if update_b else torch.zeros_like(b)
+        a = torch.where(a - da > 0, a - da, a / 2)
+        b = torch.where(b - db > 0, b - db, b / 2)
+        if bool((da.abs() <= 1e-14 * a).all() and (db.abs() <= 1e-14 * b).all()):
+            break
+    return a, b
+
+
+class _BetaRule(Rule):
+    def summarize(self, ctx):
+        other = "concentration0" if ctx.arg == "concentration1" else "concentration1"
+        return {
+            "w": ctx.pool(ctx.weight),
+            "wlogx": ctx.pool(ctx.weight, ctx.value.log()),
+            "wlog1mx": ctx.pool(ctx.weight, (-ctx.value).log1p()),
+            "wother": ctx.pool(ctx.weight, ctx.current(other)),
+        }
+
+    def solve(self, stats, old, ctx):
+        w = _slots(stats["w"], old)
+        log_x, log_1mx = _ratio(_slots(stats["wlogx"], old), w), _ratio(_slots(stats["wlog1mx"], old), w)
+        other = _ratio(_slots(stats["wother"], old), w).where(w > 0, torch.ones_like(old))
+        first = ctx.arg == "concentration1"
+        a, b = (old, other) if first else (other, old)
+        a, b = _beta_newton(a, b, log_x, log_1mx, first or ctx.joint, not first or ctx.joint)
+        return keep_old(old, a if first else b, w)
+
+
+@register_m_step(td.Beta, "concentration1")
+class BetaConcentration1Rule(_BetaRule):
+    """Exact given concentration0; exact jointly when both are closed form (``joint``). The
+    conditional case averages the other concentration over the slot, exact when it is
+    constant there."""
+
+    kind = "beta_concentration1"
+    partner = "concentration0"
+
+
+@register_m_step(td.Beta, "concentration0")
+class BetaConcentration0Rule(_BetaRule):
+    kind = "beta_concentration0"
+    priority = 1
+    partner = "concentration1"
 
 
 # ---------------------------------------------------------------------------------------------

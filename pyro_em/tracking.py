@@ -12,7 +12,10 @@ closed-form M-step can handle, with ``ids`` saying which param slot each element
 
 from typing import Dict, Iterable, Optional, Set
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions.distribution import COERCIONS
+from pyro.distributions.util import broadcast_all
 from pyro.poutine.messenger import Messenger
 from torch.utils._pytree import tree_map
 
@@ -123,8 +126,36 @@ def _is_last_dim_keepdim(src, args, kwargs) -> bool:
     return keepdim and dim in (-1, src.dim() - 1)
 
 
+class _ArgsKeepingBeta(dist.Beta):
+    """A Beta that also keeps its two arguments (torch stacks them into a hidden Dirichlet),
+    so that tracked concentrations stay visible to the analysis."""
+
+    def __init__(self, concentration1, concentration0, validate_args=None):
+        c1, c0 = broadcast_all(concentration1, concentration0)
+        super().__init__(c1, c0, validate_args=validate_args)
+        self.__dict__.update(concentration1=c1, concentration0=c0)
+
+    def expand(self, batch_shape, _instance=None):
+        c1, c0 = self.__dict__["concentration1"], self.__dict__["concentration0"]
+        return _ArgsKeepingBeta(c1.expand(batch_shape), c0.expand(batch_shape), validate_args=False)
+
+
+def _keep_beta_args(cls, args, kwargs):
+    if cls is dist.Beta:
+        return _ArgsKeepingBeta(*args, **kwargs)
+    return None
+
+
 class TrackParams(Messenger):
     """Return every ``pyro.param`` value as a :class:`Tracked` tensor (for an analysis trace)."""
+
+    def __enter__(self):
+        COERCIONS.append(_keep_beta_args)
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        COERCIONS.remove(_keep_beta_args)
+        return super().__exit__(*args)
 
     def _pyro_post_param(self, msg) -> None:
         value = msg["value"]
