@@ -40,7 +40,8 @@ class EStep:
     :ivar dict weights: for each sample site, ``d log Z / d term``, a packed tensor of the shape
         of the site's packed unscaled log density. It is the posterior marginal of the
         enumerated values the term depends on, times the site's scale and mask: the weight of
-        each term in the expected complete-data log likelihood ``Q``.
+        each term in the expected complete-data log likelihood ``Q``. (An enumerated site
+        enters ``log Z`` unmasked, as in ``TraceEnum_ELBO``; its weight is masked all the same.)
     :ivar float scale: the common :func:`~pyro.poutine.scale` of the enumerated factors.
     """
 
@@ -182,12 +183,16 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
             grads = torch.autograd.grad(log_z, list(leaves.values()), allow_unused=True)
         else:  # every site is masked out
             grads = [None] * len(leaves)
-    weights = {
-        name: torch.zeros_like(leaf) if g is None else g
-        for (name, leaf), g in zip(leaves.items(), grads)
-    }
-    for name, w in weights.items():
-        w._pyro_dims = leaves[name]._pyro_dims
+    weights = {}
+    for (name, leaf), g in zip(leaves.items(), grads):
+        w = torch.zeros_like(leaf) if g is None else g
+        w._pyro_dims = leaf._pyro_dims
+        site = trace.nodes[name]
+        if "_enumerate_symbol" in site["infer"]:
+            # A masked-out enumerated site enters log Z unmasked (its factor sums to one, as in
+            # TraceEnum_ELBO) but is absent there: it must not count as data in Q.
+            w = packed.scale_and_mask(w, mask=site["packed"]["mask"])
+        weights[name] = w
     return EStep(log_z.detach(), trace, weights, scale)
 
 

@@ -15,7 +15,8 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
     :param max_plate_nesting: the model's plate nesting, as used in the E-step.
     :returns: ``{name: probs}`` where ``probs`` has the site's plate dims (as a batch shape
         would) followed by one dim over the site's values, in the order of
-        ``site["fn"].enumerate_support()``; each row sums to one.
+        ``site["fn"].enumerate_support()``; each row sums to one, except where the site is
+        masked out (``poutine.mask``, or the ``*_unobserved`` half of ``obs_mask``): zero there.
     """
     trace = estep.trace
     sum_dims = enum_symbols(trace)

@@ -113,5 +113,7 @@ def test_obs_mask_missing_discrete_observations_are_summed_out():
     expected = pa.log()[a_data].sum() + cpt.log()[a_data, b_data][observed].sum()
     em = EM(model)
     assert em.evaluate_loss() == pytest.approx(-expected.item(), rel=1e-12)
-    # The missing b's posterior is its conditional given a.
-    torch.testing.assert_close(em.posterior()["b_unobserved"], cpt[a_data])
+    # The missing b's posterior is its conditional given a; where b was observed, it is absent.
+    post = em.posterior()["b_unobserved"]
+    torch.testing.assert_close(post[~observed], cpt[a_data][~observed])
+    assert not bool(post[observed].any())
