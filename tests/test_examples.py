@@ -17,3 +17,13 @@ def test_jelly_beans(capsys, monkeypatch):
     assert "converged" in out
     accuracy = float(out.split("beans sorted into their true flavour:")[1].split("%")[0])
     assert accuracy > 90
+
+
+def test_sprinkler(capsys, monkeypatch):
+    torch.set_default_dtype(torch.float32)
+    monkeypatch.setattr(sys, "argv", ["sprinkler.py"])
+    runpy.run_path(str(EXAMPLES / "sprinkler.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "converged" in out and "wet: closed form" in out
+    wet = out.split("wet grass")[1].split("]")[0].strip(" [").split(",")
+    assert abs(float(wet[1]) - 0.9) < 0.05 and abs(float(wet[3]) - 0.99) < 0.02
