@@ -4,14 +4,23 @@ Prints seconds per EM iteration and ratios, all from the same data and starting 
   * pyro_em's E-step (log Z and every posterior marginal) against Pyro's own
     ``TraceEnum_ELBO.loss_and_grads`` on the same model with an empty guide;
   * a steady-state pyro_em EM step (closed-form M-step, plan made) against one iteration of
-    scikit-learn's ``GaussianMixture`` (``reg_covar=0``), measured as the difference between
-    fits with ``max_iter=1`` and ``max_iter=1+m`` so its initialization is not counted.
+    scikit-learn's ``GaussianMixture`` (``reg_covar=0``) and, if installed, pomegranate's
+    ``GeneralMixtureModel``, each measured as the difference between fits with ``max_iter=1``
+    and ``max_iter=1+m`` so their initialization is not counted.
 
-Run:  python benchmarks/bench_gmm.py [--n 100000 --d 8 --k 8 --dtype float64 --repeat 3]
-Needs scikit-learn (``pip install -e ".[test]"``).
+Also prints the peak memory of an EM step beyond what it starts with, relative to one N x K x D
+array (what the E-step inherently touches), measured in a child process.
+
+Run:  python benchmarks/bench_gmm.py [--n 100000 --d 8 --k 8 --dtype float64 --repeat 5]
+Needs scikit-learn; pomegranate is timed when installed (``pip install -e ".[bench]"``).
 """
 
 import argparse
+import gc
+import os
+import subprocess
+import sys
+import threading
 import time
 import warnings
 
@@ -41,6 +50,31 @@ def make_model(N, D, K, init):
     return model
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn) -> int:
+    """Peak resident memory above the level before ``fn`` runs, sampled every millisecond."""
+    gc.collect()
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _rss()) - base
+
+
 def best_time(fn, repeat):
     fn()  # warm up
     times = []
@@ -51,7 +85,24 @@ def best_time(fn, repeat):
     return min(times)
 
 
-def main(N, D, K, dtype, repeat, m=5):
+def pomegranate_iteration(X, init, m, repeat):
+    """Seconds per iteration of pomegranate's GeneralMixtureModel (float64), or None."""
+    try:
+        from pomegranate.distributions import Normal
+        from pomegranate.gmm import GeneralMixtureModel
+    except ImportError:
+        return None
+    K = len(init[0])
+    covs = (init[2] @ init[2].mT).double()
+
+    def fit(max_iter):
+        dists = [Normal(means=init[1][k].double().clone(), covs=covs[k].clone(), covariance_type="full") for k in range(K)]
+        GeneralMixtureModel(dists, priors=init[0].double().clone(), max_iter=max_iter, tol=0).fit(X)
+
+    return (best_time(lambda: fit(1 + m), repeat) - best_time(lambda: fit(1), repeat)) / m
+
+
+def main(N, D, K, dtype, repeat, m=10, memory_only=False):
     torch.manual_seed(0)
     centres = torch.randn(K, D, dtype=dtype) * 4
     data = centres[torch.randint(K, (N,))] + torch.randn(N, D, dtype=dtype)
@@ -73,6 +124,11 @@ def main(N, D, K, dtype, repeat, m=5):
             em.step(data)
 
     t_em = best_time(em_steps, repeat) / m
+    if memory_only:
+        nkd = N * K * D * data.element_size()
+        print(f"peak extra memory of a pyro_em step: {peak_extra_memory(lambda: em.step(data)) / nkd:.2f} "
+              f"x the N*K*D array ({nkd / 2**20:.0f} MiB)")
+        return
 
     from sklearn.mixture import GaussianMixture
 
@@ -90,6 +146,7 @@ def main(N, D, K, dtype, repeat, m=5):
             gm.fit(X)
 
     t_sk = (best_time(lambda: sk_fit(1 + m), repeat) - best_time(lambda: sk_fit(1), repeat)) / m
+    t_pg = pomegranate_iteration(data.double(), init, m, repeat)
 
     print(f"GMM full covariance, N={N} D={D} K={K}, pyro_em in {str(dtype)[6:]}, scikit-learn in "
           f"float64, torch threads={torch.get_num_threads()}")
@@ -97,7 +154,16 @@ def main(N, D, K, dtype, repeat, m=5):
     print(f"{'pyro_em E-step':36s} {t_estep:8.4f}")
     print(f"{'Pyro TraceEnum_ELBO.loss_and_grads':36s} {t_elbo:8.4f} {t_estep / t_elbo:7.2f}  (E-step / ELBO)")
     print(f"{'scikit-learn GaussianMixture':36s} {t_sk:8.4f}")
+    if t_pg is not None:
+        print(f"{'pomegranate GeneralMixtureModel':36s} {t_pg:8.4f}")
     print(f"{'pyro_em EM step':36s} {t_em:8.4f} {t_em / t_sk:7.2f}  (pyro_em / scikit-learn)")
+    if t_pg is not None:
+        print(f"{'':36s} {'':8s} {t_em / t_pg:7.2f}  (pyro_em / pomegranate)")
+    # Memory in a child process where large blocks are mmap-ed, so freed memory leaves the RSS.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    argv = [sys.executable, __file__, "--n", str(N), "--d", str(D), "--k", str(K),
+            "--dtype", str(dtype)[6:], "--repeat", "1", "--memory"]
+    print(subprocess.run(argv, env=env, capture_output=True, text=True).stdout.strip())
     print("M-step plan:\n  " + str(em.plan).replace("\n", "\n  "))
 
 
@@ -107,6 +173,7 @@ if __name__ == "__main__":
     parser.add_argument("--d", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="only measure peak memory (Linux)")
     args = parser.parse_args()
-    main(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat)
+    main(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, memory_only=args.memory)

@@ -60,9 +60,10 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     loc = loc.reshape(loc_b + (D,)).expand(comp_shape + (D,)).reshape(blocks, D)
     x = value.reshape(-1, D)
     eye = torch.eye(D, dtype=L.dtype, device=L.device).expand(blocks, D, D)
-    precision_tril_t = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L^-T
+    precision_tril_t = torch.linalg.solve_triangular(L, eye, upper=False).mT.contiguous()  # L^-T
     shift = (loc.unsqueeze(-2) @ precision_tril_t).squeeze(-2)
-    maha = torch.stack([(x @ precision_tril_t[b] - shift[b]).square_().sum(-1) for b in range(blocks)])
+    # Mahalanobis distances, one component at a time: |x L^-T - loc L^-T|^2.
+    maha = torch.stack([torch.addmm(-shift[b], x, precision_tril_t[b]).square_().sum(-1) for b in range(blocks)])
     half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     result = -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det.unsqueeze(-1)
     return result.reshape(batch)
