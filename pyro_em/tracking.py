@@ -10,7 +10,7 @@ argument that is still tracked is a param, indexed by latents and broadcast: the
 closed-form M-step can handle, with ``ids`` saying which param slot each element pools into.
 """
 
-from typing import Dict, Iterable, Optional, Set
+from typing import Dict, Optional, Set
 
 import pyro.distributions as dist
 import torch
@@ -190,7 +190,3 @@ def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor
             found.add(leaves[variable])
         stack.extend(n for n, _ in node.next_functions)
     return found
-
-
-def tracked_args(tensors: Iterable) -> Iterable[Tracked]:
-    return (t for t in tensors if isinstance(t, Tracked))
