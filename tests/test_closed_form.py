@@ -285,3 +285,21 @@ def test_user_registered_rule():
         results[m_step] = pyro.param("s").detach()
     assert "s: closed form (RayleighScale at 'x')" in str(em.plan) or m_step == "gradient"
     torch.testing.assert_close(results["closed_form"], results["gradient"], atol=1e-6, rtol=0)
+
+
+def test_shared_mean_with_per_component_covariance_falls_back_to_gradient():
+    """Sum w x / sum w is not the maximizer when the covariance varies within a mean's slot."""
+    data = torch.randn(40, 2)
+
+    def model(data):
+        w = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+        loc = pyro.param("loc", torch.zeros(2))
+        L = pyro.param("L", torch.eye(2) * torch.tensor([1.0, 3.0])[:, None, None], constraint=constraints.lower_cholesky)
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.MultivariateNormal(loc, scale_tril=L[z]), obs=data)
+
+    em = EM(model)
+    em.step(data)
+    assert set(em.plan.closed_form) == {"weights", "L"}
+    assert "covariance varies within one of its mean's slots" in em.plan.gradient["loc"]
