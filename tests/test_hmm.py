@@ -1,0 +1,136 @@
+"""Hidden Markov models written with pyro.markov: Baum-Welch equals hmmlearn iteration by
+iteration (float64, 1e-6), with variable-length sequences, posteriors and Viterbi paths."""
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from hmmlearn import hmm
+from pyro import poutine
+from pyro.infer import config_enumerate, infer_discrete
+from torch.distributions import constraints
+
+from pyro_em import EM
+
+K, D, M, ITERS = 3, 2, 4, 5
+LENGTHS = [25, 17, 30]
+
+
+def random_simplex(g, *shape):
+    t = torch.rand(*shape, generator=g) + 0.3
+    return t / t.sum(-1, keepdim=True)
+
+
+def sequential_hmm(emission, init):
+    """z_0 ~ start, z_t ~ trans[z_{t-1}], x_t ~ emission(z_t); steps past a sequence's end masked."""
+
+    def model(X, lengths):
+        start = pyro.param("start", init["start"].clone(), constraint=constraints.simplex)
+        trans = pyro.param("trans", init["trans"].clone(), constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0], dim=-1):
+            z = None
+            for t in pyro.markov(range(X.shape[1])):
+                with poutine.mask(mask=t < lengths):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                    pyro.sample(f"x_{t}", emission(z), obs=X[:, t])
+
+    return model
+
+
+def padded(sequences):
+    """Stack variable-length sequences, padding with each sequence's first entry."""
+    T = max(len(s) for s in sequences)
+    return torch.stack([torch.cat([s, s[:1].expand(T - len(s), *s.shape[1:])]) for s in sequences])
+
+
+def fit_one_iteration(model, X, lengths):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X, lengths)
+
+
+def make_case(family, g):
+    init = {"start": random_simplex(g, K), "trans": random_simplex(g, K, K)}
+    if family == "categorical":
+        init["emit"] = random_simplex(g, K, M)
+        seqs = [torch.randint(M, (n,), generator=g) for n in LENGTHS]
+        reference = hmm.CategoricalHMM(K, n_iter=1, tol=0, init_params="", params="ste")
+        reference.emissionprob_ = init["emit"].numpy()
+
+        def emission(z):
+            return dist.Categorical(pyro.param("emit", init["emit"].clone(), constraint=constraints.simplex)[z])
+
+        return init, seqs, reference, emission, lambda: {"emit": (pyro.param("emit"), reference.emissionprob_)}
+
+    init["means"] = torch.randn(K, D, generator=g) * 2
+    seqs = [torch.randn(n, D, generator=g) + 2 * torch.randint(K, (n, 1), generator=g) for n in LENGTHS]
+    cov_type = family.split("_")[1]
+    reference = hmm.GaussianHMM(K, covariance_type=cov_type, n_iter=1, tol=0, init_params="", params="stmc",
+                                covars_prior=0, min_covar=0)
+    reference.means_ = init["means"].numpy()
+    if cov_type == "diag":
+        init["scales"] = torch.rand(K, D, generator=g) + 0.5
+        reference.covars_ = (init["scales"] ** 2).numpy()
+
+        def emission(z):
+            locs = pyro.param("means", init["means"].clone())
+            scales = pyro.param("scales", init["scales"].clone(), constraint=constraints.positive)
+            return dist.Normal(locs[z], scales[z]).to_event(1)
+
+        def covariances():
+            return pyro.param("scales") ** 2, np.diagonal(reference.covars_, axis1=1, axis2=2)
+    else:
+        A = torch.randn(K, D, D, generator=g)
+        init["tril"] = torch.linalg.cholesky(A @ A.mT + torch.eye(D))
+        reference.covars_ = (init["tril"] @ init["tril"].mT).numpy()
+
+        def emission(z):
+            locs = pyro.param("means", init["means"].clone())
+            L = pyro.param("tril", init["tril"].clone(), constraint=constraints.lower_cholesky)
+            return dist.MultivariateNormal(locs[z], scale_tril=L[z])
+
+        def covariances():
+            L = pyro.param("tril")
+            return L @ L.mT, reference.covars_
+
+    def params():
+        return {"means": (pyro.param("means"), reference.means_), "covariances": covariances()}
+
+    return init, seqs, reference, emission, params
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
+def test_matches_hmmlearn_every_iteration_with_variable_lengths(family):
+    g = torch.Generator().manual_seed(0)
+    init, seqs, reference, emission, emission_params = make_case(family, g)
+    reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
+    X_np = torch.cat(seqs).numpy()
+    if family == "categorical":
+        X_np = X_np.reshape(-1, 1)
+    X, lengths = padded(seqs), torch.tensor(LENGTHS)
+
+    em = EM(sequential_hmm(emission, init), m_step="closed_form")
+    for _ in range(ITERS):
+        em.step(X, lengths)
+        fit_one_iteration(reference, X_np, LENGTHS)
+        checks = {"start": (pyro.param("start"), reference.startprob_),
+                  "trans": (pyro.param("trans"), reference.transmat_), **emission_params()}
+        for name, (ours, theirs) in checks.items():
+            np.testing.assert_allclose(ours.detach().numpy(), theirs, atol=1e-6, rtol=0, err_msg=name)
+        assert -em.evaluate_loss(X, lengths) == pytest.approx(reference.score(X_np, LENGTHS), abs=1e-6)
+
+    # Smoothed marginals and Viterbi paths agree too.
+    posterior = em.posterior(X, lengths)
+    expected = reference.predict_proba(X_np, LENGTHS)
+    offsets = np.cumsum([0] + LENGTHS)
+    decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
+    trace = poutine.trace(decoder).get_trace(X, lengths)
+    _, viterbi = reference.decode(X_np, LENGTHS, algorithm="viterbi")
+    for s, n in enumerate(LENGTHS):
+        ours = torch.stack([posterior[f"z_{t}"][s] for t in range(n)]).numpy()
+        np.testing.assert_allclose(ours, expected[offsets[s]:offsets[s + 1]], atol=1e-6, rtol=0)
+        path = [int(trace.nodes[f"z_{t}"]["value"][s]) for t in range(n)]
+        assert path == viterbi[offsets[s]:offsets[s + 1]].tolist()
