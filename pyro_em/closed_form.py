@@ -16,6 +16,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import torch.distributions as td
+from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.ops import packed
 from pyro.poutine.util import prune_subsample_sites
@@ -23,6 +24,7 @@ from torch.distributions import transform_to
 from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
+from .hmm import HMMPosterior, forward_backward
 from .rules import Rule, UseContext, find_rule
 from .tracking import TrackParams, Tracked, compact, param_dependencies
 
@@ -31,10 +33,12 @@ logger = logging.getLogger("pyro_em")
 
 @dataclass
 class Use:
-    """A param used directly at a site: as argument ``arg`` of its distribution, or as its
-    value (``arg == "value"``), element ``e`` being param element ``ids[e]``."""
+    """A param used directly at a site: as argument ``arg`` of its distribution (or of the
+    site's ``part``, such as a DiscreteHMM's ``"observation"``), or as its value
+    (``arg == "value"``), element ``e`` being param element ``ids[e]``."""
 
     site: str
+    part: str
     arg: str
     ids: torch.Tensor
     rule: Rule
@@ -51,7 +55,7 @@ class MStepPlan:
 
     closed_form: Dict[str, List[Use]] = field(default_factory=dict)
     gradient: Dict[str, str] = field(default_factory=dict)
-    tracked_args: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = []
@@ -86,6 +90,30 @@ def unwrap(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tens
             return fn, value, weight
 
 
+def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tensor]):
+    """The parts of a site that closed-form rules see: ``(part, fn, value, weight)`` tuples.
+
+    A plain site is one part. A :class:`~pyro.distributions.DiscreteHMM` is two: itself (its
+    ``initial_logits`` and ``transition_logits``, with an :class:`~pyro_em.hmm.HMMPosterior` as
+    weight) and ``"observation"``, its observation distribution at every step, weighted by the
+    posterior of the state at that step.
+    """
+    fn, value, weight = unwrap(fn, value, weight)
+    if not isinstance(fn, DiscreteHMM):
+        yield "", fn, value, weight
+        return
+    post = None
+    if weight is not None:
+        post = forward_backward(fn, value)
+        post = HMMPosterior(
+            post.log_z, post.initial * weight[..., None], post.transition * weight[..., None, None, None],
+            post.observation * weight[..., None, None],
+        )
+    yield "", fn, None, post
+    obs_value = value.unsqueeze(-1 - fn.observation_dist.event_dim)
+    yield ("observation",) + unwrap(fn.observation_dist, obs_value, None if post is None else post.observation)
+
+
 def _args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
     """The distribution's tensor arguments and its value. Untracked lazy properties (say
     ``logits`` computed from given ``probs``) are derived, not arguments: skipped here, while
@@ -97,7 +125,8 @@ def _args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
         and isinstance(v, torch.Tensor)
         and (isinstance(v, Tracked) or not isinstance(getattr(type(fn), k, None), lazy_property))
     }
-    args["value"] = value
+    if value is not None:
+        args["value"] = value
     return args
 
 
@@ -124,28 +153,28 @@ def plan_m_step(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     for site_name, site in tracked.nodes.items():
         if site["type"] != "sample":
             continue
-        fn, value, _ = unwrap(site["fn"], site["value"], None)
         direct = set()
-        for arg, t in _args(fn, value).items():
-            if not isinstance(t, Tracked):
-                for p in param_dependencies(t, leaves):
-                    reasons.setdefault(p, f"enters site '{site_name}' through a computation")
-                continue
-            ids = compact(t.ids)
-            plan.tracked_args.setdefault(site_name, {})[arg] = (t.param_name, ids)
-            direct.add(t.param_name)
-            rule = find_rule(type(fn), arg)
-            if rule is None:
-                reasons.setdefault(
-                    t.param_name, f"no rule for {type(fn).__name__}.{arg} at site '{site_name}'"
-                )
-                continue
-            ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None)
-            why = rule.check(ctx)
-            if why:
-                reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
-            else:
-                uses[t.param_name].append(Use(site_name, arg, ids, rule))
+        for part, fn, value, _ in components(site["fn"], site["value"], None):
+            for arg, t in _args(fn, value).items():
+                if not isinstance(t, Tracked):
+                    for p in param_dependencies(t, leaves):
+                        reasons.setdefault(p, f"enters site '{site_name}' through a computation")
+                    continue
+                ids = compact(t.ids)
+                plan.tracked_args.setdefault((site_name, part), {})[arg] = (t.param_name, ids)
+                direct.add(t.param_name)
+                rule = find_rule(type(fn), arg)
+                if rule is None:
+                    reasons.setdefault(
+                        t.param_name, f"no rule for {type(fn).__name__}.{arg} at site '{site_name}'"
+                    )
+                    continue
+                ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None)
+                why = rule.check(ctx)
+                if why:
+                    reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
+                else:
+                    uses[t.param_name].append(Use(site_name, part, arg, ids, rule))
         # A param may also reach the log density along a path no argument shows.
         for p in param_dependencies(scored.nodes[site_name]["log_prob"], leaves) - direct:
             reasons.setdefault(p, f"enters site '{site_name}' through a computation")
@@ -173,7 +202,7 @@ def _mark_joint_updates(plan: MStepPlan) -> None:
     order = list(plan.closed_form)
     for name, uses in plan.closed_form.items():
         for use in uses:
-            partner = plan.tracked_args.get(use.site, {}).get(use.rule.partner) if use.rule.partner else None
+            partner = plan.tracked_args.get((use.site, use.part), {}).get(use.rule.partner) if use.rule.partner else None
             if partner is not None and partner[0] in order[order.index(name) + 1 :]:
                 p_ids = partner[1]
                 same_shape = pyro.get_param_store()[partner[0]].shape == pyro.get_param_store()[name].shape
@@ -208,17 +237,20 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0) ->
     store = pyro.get_param_store()
     trace = estep.trace
     new: Dict[str, torch.Tensor] = {}
+    parts: Dict[str, dict] = {}  # per site, computed once (a DiscreteHMM runs forward-backward)
     for name, uses in plan.closed_form.items():
         old = store[name].detach()
         stats: Dict[str, torch.Tensor] = {}
         solver_ctx = None
         for use in uses:
-            site = trace.nodes[use.site]
-            weight = packed.unpack(estep.weights[use.site], trace.symbol_to_dim)
-            fn, value, weight = unwrap(site["fn"], site["value"], weight)
+            if use.site not in parts:
+                site = trace.nodes[use.site]
+                weight = packed.unpack(estep.weights[use.site], trace.symbol_to_dim)
+                parts[use.site] = {p[0]: p[1:] for p in components(site["fn"], site["value"], weight)}
+            fn, value, weight = parts[use.site][use.part]
             ctx = UseContext(
                 fn, value, weight, use.ids, use.arg, old.numel(),
-                _current(plan.tracked_args.get(use.site, {}), fn, new), reg_covar, use.joint,
+                _current(plan.tracked_args.get((use.site, use.part), {}), fn, new), reg_covar, use.joint,
             )
             for key, s in use.rule.summarize(ctx).items():
                 stats[key] = stats[key] + s if key in stats else s
@@ -243,7 +275,8 @@ def _current(tracked: Dict[str, Tuple[str, torch.Tensor]], fn, new: Dict[str, to
             value = new.get(name)
             if value is None:
                 value = pyro.get_param_store()[name].detach()
-            return value.reshape(-1)[ids]
+            gathered = value.reshape(-1)[ids.clamp_min(0)]
+            return torch.where(ids >= 0, gathered, getattr(fn, arg)) if bool((ids < 0).any()) else gathered
         return getattr(fn, arg)
 
     return current

@@ -1,11 +1,13 @@
-"""Log densities for the E-step: ``fn.log_prob(value)``, with cache-friendly kernels where the
-generic implementation is memory-bound.
+"""Log densities for the E-step: ``fn.log_prob(value)``, with faster kernels where the generic
+implementation is memory-bound or does more work than needed.
 
 A mixture's emission is evaluated for every component at every data point, a K x N batch.
 ``MultivariateNormal.log_prob`` does that in several passes over a K x N x D tensor; the
 kernel here instead loops over the components (as scikit-learn does), so each N x D block
-stays in cache, and whitens with the inverse Cholesky factor by a matrix product. Kernels
-return ``None`` where they do not apply, and the distribution's own ``log_prob`` is used.
+stays in cache, and whitens with the inverse Cholesky factor by a matrix product.
+``DiscreteHMM`` uses the scaled forward pass of :mod:`pyro_em.hmm` (work T K^2, not the
+parallel scan's T K^3). Kernels return ``None`` where they do not apply, and the
+distribution's own ``log_prob`` is used.
 """
 
 import math
@@ -14,6 +16,9 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributions as td
 
+from pyro.distributions import DiscreteHMM
+
+from .hmm import hmm_log_prob
 from .tracking import compact
 
 _KERNELS: Dict[type, Callable] = {}
@@ -70,3 +75,4 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
 
 
 _KERNELS[td.MultivariateNormal] = _mvn_log_prob
+_KERNELS[DiscreteHMM] = hmm_log_prob

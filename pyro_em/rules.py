@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributions as td
+from pyro.distributions import DiscreteHMM
 
 Stats = Dict[str, torch.Tensor]
 
@@ -28,7 +29,8 @@ class UseContext:
     :ivar fn: the site's distribution, unwrapped from ``Independent``, masks and expansion.
     :ivar value: the site's value (observations, enumerated values, or the MAP value).
     :ivar weight: posterior weight of each element of ``fn.log_prob(value)`` (broadcastable).
-    :ivar ids: for each element of the argument, the flat index of the param element it is.
+    :ivar ids: for each element of the argument, the flat index of the param element it is
+        (-1 for a constant element).
     :ivar arg: the argument name (``"value"`` for a use as the site's value).
     :ivar current: ``current(arg)`` is the up-to-date value of another argument of ``fn``
         (parameters updated earlier in this M-step included).
@@ -65,9 +67,11 @@ class UseContext:
         summed = torch.einsum(",".join(inputs) + "->" + output, *ops)
         # Restore the size-1 dims (and those along which only the ids vary) to the ids' shape.
         shape = [full[_LETTERS.index(c)] if c in output else 1 for c in map(_LETTERS.__getitem__, range(n))]
-        summed = summed.reshape(shape[n - self.ids.dim():]).expand(self.ids.shape)
-        out = summed.new_zeros(self.numel)
-        return out.index_add_(0, self.ids.reshape(-1), summed.reshape(-1))
+        summed = summed.reshape(shape[n - self.ids.dim():]).expand(self.ids.shape).reshape(-1)
+        ids = self.ids.reshape(-1)
+        if bool((ids < 0).any()):  # constant elements (id -1) belong to no param slot
+            summed, ids = summed[ids >= 0], ids[ids >= 0]
+        return summed.new_zeros(self.numel).index_add_(0, ids, summed)
 
 
 _LETTERS = string.ascii_letters
@@ -190,6 +194,22 @@ class DirichletPrior(Rule):
 
     def summarize(self, ctx):
         return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), ctx.fn.concentration - 1)}
+
+
+# DiscreteHMM's own arguments: expected counts of the state before the first step and of each
+# transition, from the forward-backward posteriors (ctx.weight is an HMMPosterior).
+
+
+@register_m_step(DiscreteHMM, "initial_logits")
+class HMMInitialRule(CategoricalRule):
+    def summarize(self, ctx):
+        return {"counts": ctx.pool(ctx.weight.initial)}
+
+
+@register_m_step(DiscreteHMM, "transition_logits")
+class HMMTransitionRule(CategoricalRule):
+    def summarize(self, ctx):
+        return {"counts": ctx.pool(ctx.weight.transition)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ values, plus ``ids``, an integer tensor giving for each element the flat index o
 element it *is*. Pure data-movement ops (indexing by enumerated values as in ``locs[z]``,
 ``expand``, broadcasting, reshapes) apply the same op to ``ids``; Categorical's row
 normalization (``probs / probs.sum(-1, keepdim=True)``, ``logits - logits.logsumexp(-1)``)
-keeps them too. Any other op returns a plain tensor. So after the trace, a distribution
+keeps them too, and so do ``torch.cat`` and ``torch.where`` mixing a param with constants,
+whose elements get id -1 (an identity transition before a chain's first step, padding after
+a sequence's end). Any other op returns a plain tensor. So after the trace, a distribution
 argument that is still tracked is a param, indexed by latents and broadcast: the case a
 closed-form M-step can handle, with ``ids`` saying which param slot each element pools into.
 """
@@ -87,7 +89,32 @@ def _plain(x):
     return x
 
 
+def _joined_ids(parts, out_like):
+    """ids for a tensor assembled from tracked and constant parts, or None if the tracked parts
+    are not all plain rearrangements of one param. Constant elements get id -1."""
+    tracked = [p for p in parts if isinstance(p, Tracked)]
+    if not tracked or any(p.role != "value" or p.param_name != tracked[0].param_name for p in tracked):
+        return None
+    device = tracked[0].ids.device
+    return tracked[0].param_name, [
+        p.ids if isinstance(p, Tracked) else torch.full(torch.as_tensor(p).shape, -1, device=device)
+        for p in parts
+    ]
+
+
 def _propagate(func, args, kwargs, out):
+    if func in (torch.cat, torch.concat):
+        joined = _joined_ids(list(args[0]), out)
+        if joined is None:
+            return out
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return Tracked.wrap(out, joined[0], torch.cat(joined[1], dim))
+    if func in (torch.where, torch.Tensor.where):
+        cond, a, b = (args[0], args[1], args[2]) if func is torch.where else (args[1], args[0], args[2])
+        joined = _joined_ids([a, b], out)
+        if joined is None:
+            return out
+        return Tracked.wrap(out, joined[0], torch.where(_plain(cond), *joined[1]).expand(out.shape))
     if func is torch.broadcast_tensors or func is torch.functional.broadcast_tensors:
         return tuple(
             Tracked.wrap(o, a.param_name, a.ids.expand(o.shape), a.role) if isinstance(a, Tracked) else o

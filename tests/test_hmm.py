@@ -40,6 +40,27 @@ def sequential_hmm(emission, init):
     return model
 
 
+def vectorized_hmm(emission, init):
+    """The same HMM as one DiscreteHMM site. hmmlearn's first state is drawn from ``start``:
+    in DiscreteHMM's terms (a state before the first step) the first transition is the
+    identity. Past a sequence's end the state stays put and emits nothing."""
+
+    def model(X, lengths):
+        S, T = X.shape[:2]
+        start = pyro.param("start", init["start"].log())
+        trans = pyro.param("trans", init["trans"].log())
+        identity = torch.eye(K).log()
+        active = torch.arange(T) < lengths[:, None]  # (S, T)
+        transitions = torch.cat([identity.expand(1, K, K), trans.expand(T - 1, K, K)])
+        transitions = torch.where(active[..., None, None], transitions, identity)
+        observation = emission(torch.arange(K))
+        observation = observation.expand((S, T, K)).mask(active[..., None])
+        with pyro.plate("seqs", S):
+            pyro.sample("x", dist.DiscreteHMM(start, transitions, observation), obs=X)
+
+    return model
+
+
 def padded(sequences):
     """Stack variable-length sequences, padding with each sequence's first entry."""
     T = max(len(s) for s in sequences)
@@ -102,8 +123,9 @@ def make_case(family, g):
     return init, seqs, reference, emission, params
 
 
+@pytest.mark.parametrize("form", ["sequential", "vectorized"])
 @pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
-def test_matches_hmmlearn_every_iteration_with_variable_lengths(family):
+def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form):
     g = torch.Generator().manual_seed(0)
     init, seqs, reference, emission, emission_params = make_case(family, g)
     reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
@@ -112,15 +134,19 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family):
         X_np = X_np.reshape(-1, 1)
     X, lengths = padded(seqs), torch.tensor(LENGTHS)
 
-    em = EM(sequential_hmm(emission, init), m_step="closed_form")
+    build = sequential_hmm if form == "sequential" else vectorized_hmm
+    em = EM(build(emission, init), m_step="closed_form")
+    probs = (lambda p: p) if form == "sequential" else (lambda p: p.softmax(-1))
     for _ in range(ITERS):
         em.step(X, lengths)
         fit_one_iteration(reference, X_np, LENGTHS)
-        checks = {"start": (pyro.param("start"), reference.startprob_),
-                  "trans": (pyro.param("trans"), reference.transmat_), **emission_params()}
+        checks = {"start": (probs(pyro.param("start")), reference.startprob_),
+                  "trans": (probs(pyro.param("trans")), reference.transmat_), **emission_params()}
         for name, (ours, theirs) in checks.items():
             np.testing.assert_allclose(ours.detach().numpy(), theirs, atol=1e-6, rtol=0, err_msg=name)
         assert -em.evaluate_loss(X, lengths) == pytest.approx(reference.score(X_np, LENGTHS), abs=1e-6)
+    if form == "vectorized":
+        return
 
     # Smoothed marginals and Viterbi paths agree too.
     posterior = em.posterior(X, lengths)
