@@ -57,14 +57,14 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> _
     probs = (trans[..., :1, :, :] if trans.stride(-3) == 0 else trans).exp()
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
     b = (obs - shift.unsqueeze(-1)).exp().movedim(-2, 0)
-    alphas, scales = [initial.exp()], []
-    for t in range(T):  # lists, not in-place writes, so that autograd can run through it
-        a = (alphas[t].unsqueeze(-2) @ _at(probs, t)).squeeze(-2) * b[t]
-        scales.append(a.sum(-1))
-        alphas.append(a / scales[t].unsqueeze(-1))
     batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
-    alphas = torch.stack([a.expand(batch + a.shape[-1:]) for a in alphas])
-    scales = torch.stack(scales)
+    alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
+    alphas[0] = initial.exp()
+    scales = obs.new_empty((T,) + batch)
+    for t in range(T):
+        a = (alphas[t].unsqueeze(-2) @ _at(probs, t)).squeeze(-2) * b[t]
+        torch.sum(a, -1, out=scales[t])
+        torch.div(a, scales[t].unsqueeze(-1), out=alphas[t + 1])
     log_z = scales.log().sum(0) + shift.sum(-1)
     return _Forward(alphas, scales, log_z, b, probs)
 
@@ -74,8 +74,9 @@ def _at(probs: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` by the scaled forward pass."""
-    return _forward(*hmm_factors(fn, value)).log_z
+    """``fn.log_prob(value)`` by the scaled forward pass (not differentiable)."""
+    with torch.no_grad():
+        return _forward(*hmm_factors(fn, value)).log_z
 
 
 def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
@@ -94,3 +95,29 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
         b_beta = (fwd.b * betas / fwd.scales.unsqueeze(-1)).movedim(0, -2)
         transition = fwd.alphas[:-1].movedim(0, -2).unsqueeze(-1) * fwd.probs * b_beta.unsqueeze(-2)
         return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, transition, observation)
+
+
+def viterbi(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
+    """The most probable state path of each sequence: ``(..., T)`` states ``z[0 .. T-1]``.
+
+    Example, after fitting a model whose site ``"x"`` is a ``DiscreteHMM``::
+
+        trace = poutine.trace(em.fitted_model).get_trace(data)
+        paths = viterbi(trace.nodes["x"]["fn"], data)
+    """
+    with torch.no_grad():
+        initial, trans, obs = hmm_factors(fn, value)
+        T = obs.shape[-2]
+        score = initial  # (..., K): best log joint of a path ending in each state, z[-1] first
+        backpointers = []
+        for t in range(T):
+            step = trans[..., t, :, :] + score.unsqueeze(-1)  # (..., K_prev, K)
+            score, best_prev = step.max(-2)
+            score = score + obs[..., t, :]
+            backpointers.append(best_prev)
+        state = score.argmax(-1)
+        path = [state]
+        for best_prev in reversed(backpointers[1:]):
+            state = best_prev.gather(-1, state.unsqueeze(-1)).squeeze(-1)
+            path.append(state)
+        return torch.stack(path[::-1], -1)

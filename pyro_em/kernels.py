@@ -6,7 +6,7 @@ A mixture's emission is evaluated for every component at every data point, a K x
 kernel here instead loops over the components (as scikit-learn does), so each N x D block
 stays in cache, and whitens with the inverse Cholesky factor by a matrix product.
 ``DiscreteHMM`` uses the scaled forward pass of :mod:`pyro_em.hmm` (work T K^2, not the
-parallel scan's T K^3). Kernels return ``None`` where they do not apply, and the
+parallel scan's T K^3) when no gradient is needed. Kernels return ``None`` where they do not apply, and the
 distribution's own ``log_prob`` is used.
 """
 
@@ -74,5 +74,10 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     return result.reshape(batch)
 
 
+def _hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> Optional[torch.Tensor]:
+    # Under autograd, Pyro's parallel scan (a graph log T deep) suits better than T steps.
+    return None if torch.is_grad_enabled() else hmm_log_prob(fn, value)
+
+
 _KERNELS[td.MultivariateNormal] = _mvn_log_prob
-_KERNELS[DiscreteHMM] = hmm_log_prob
+_KERNELS[DiscreteHMM] = _hmm_log_prob

@@ -3,13 +3,17 @@
 from typing import Dict
 
 import torch
+from pyro.distributions import DiscreteHMM
 from pyro.ops import packed
 
+from .closed_form import unwrap
 from .estep import EStep, enum_symbols
+from .hmm import forward_backward
 
 
 def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tensor]:
-    """The posterior marginal ``p(z | x)`` of every enumerated latent site.
+    """The posterior marginal ``p(z | x)`` of every enumerated latent site, and the smoothed
+    state marginals ``(..., T, K)`` of every :class:`~pyro.distributions.DiscreteHMM` site.
 
     :param estep: the result of :func:`~pyro_em.estep.e_step`.
     :param max_plate_nesting: the model's plate nesting, as used in the E-step.
@@ -22,7 +26,13 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
     sum_dims = enum_symbols(trace)
     marginals = {}
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or "_enumerate_symbol" not in site["infer"]:
+        if site["type"] != "sample":
+            continue
+        fn, value, _ = unwrap(site["fn"], site["value"], None)
+        if isinstance(fn, DiscreteHMM):
+            marginals[name] = forward_backward(fn, value).observation
+            continue
+        if "_enumerate_symbol" not in site["infer"]:
             continue
         own = site["infer"]["_enumerate_symbol"]
         w = estep.weights[name]

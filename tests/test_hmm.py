@@ -14,6 +14,7 @@ from pyro.infer import config_enumerate, infer_discrete
 from torch.distributions import constraints
 
 from pyro_em import EM
+from pyro_em.hmm import viterbi
 
 K, D, M, ITERS = 3, 2, 4, 5
 LENGTHS = [25, 17, 30]
@@ -49,7 +50,8 @@ def vectorized_hmm(emission, init):
         S, T = X.shape[:2]
         start = pyro.param("start", init["start"].log())
         trans = pyro.param("trans", init["trans"].log())
-        identity = torch.eye(K).log()
+        K = trans.shape[-1]
+        identity = torch.eye(K, dtype=X.dtype).log()
         active = torch.arange(T) < lengths[:, None]  # (S, T)
         transitions = torch.cat([identity.expand(1, K, K), trans.expand(T - 1, K, K)])
         transitions = torch.where(active[..., None, None], transitions, identity)
@@ -145,18 +147,54 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form):
         for name, (ours, theirs) in checks.items():
             np.testing.assert_allclose(ours.detach().numpy(), theirs, atol=1e-6, rtol=0, err_msg=name)
         assert -em.evaluate_loss(X, lengths) == pytest.approx(reference.score(X_np, LENGTHS), abs=1e-6)
-    if form == "vectorized":
-        return
 
-    # Smoothed marginals and Viterbi paths agree too.
+    # Smoothed marginals and Viterbi paths agree too: the sequential form through
+    # EM.posterior and Pyro's infer_discrete, the vectorized one through EM.posterior and
+    # pyro_em.hmm.viterbi.
     posterior = em.posterior(X, lengths)
     expected = reference.predict_proba(X_np, LENGTHS)
     offsets = np.cumsum([0] + LENGTHS)
-    decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
-    trace = poutine.trace(decoder).get_trace(X, lengths)
-    _, viterbi = reference.decode(X_np, LENGTHS, algorithm="viterbi")
+    _, viterbi_path = reference.decode(X_np, LENGTHS, algorithm="viterbi")
+    if form == "sequential":
+        decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
+        trace = poutine.trace(decoder).get_trace(X, lengths)
+        marginals = torch.stack([posterior[f"z_{t}"] for t in range(X.shape[1])], 1)
+        paths = torch.stack([trace.nodes[f"z_{t}"]["value"] for t in range(X.shape[1])], 1)
+    else:
+        marginals = posterior["x"]
+        paths = viterbi(poutine.trace(em.fitted_model).get_trace(X, lengths).nodes["x"]["fn"], X)
     for s, n in enumerate(LENGTHS):
-        ours = torch.stack([posterior[f"z_{t}"][s] for t in range(n)]).numpy()
-        np.testing.assert_allclose(ours, expected[offsets[s]:offsets[s + 1]], atol=1e-6, rtol=0)
-        path = [int(trace.nodes[f"z_{t}"]["value"][s]) for t in range(n)]
-        assert path == viterbi[offsets[s]:offsets[s + 1]].tolist()
+        np.testing.assert_allclose(marginals[s, :n].numpy(), expected[offsets[s]:offsets[s + 1]], atol=1e-6, rtol=0)
+        assert paths[s, :n].tolist() == viterbi_path[offsets[s]:offsets[s + 1]].tolist()
+
+
+def test_long_sequence_in_float32_matches_float64():
+    """T = 10,000 steps: the scaled forward-backward neither underflows nor drifts in float32."""
+    g = torch.Generator().manual_seed(0)
+    T = 10_000
+    states = torch.zeros(T, dtype=torch.long)
+    for t in range(1, T):  # a sticky two-state chain
+        states[t] = states[t - 1] if torch.rand((), generator=g) < 0.95 else 1 - states[t - 1]
+    X64 = (torch.randn(T, generator=g) + 3.0 * states).reshape(1, T, 1)
+
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        pyro.clear_param_store()
+        X = X64.to(dtype)
+        # Fresh tensors each time: Pyro keeps an unconstrained init tensor as the param itself.
+        init = {"start": torch.tensor([0.5, 0.5], dtype=dtype), "trans": torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=dtype),
+                "means": torch.tensor([[0.5], [2.0]], dtype=dtype), "scales": torch.ones(2, 1, dtype=dtype)}
+
+        def emission(z):
+            locs = pyro.param("means", init["means"])
+            scales = pyro.param("scales", init["scales"], constraint=constraints.positive)
+            return dist.Normal(locs[z], scales[z]).to_event(1)
+
+        em = EM(vectorized_hmm(emission, init), m_step="closed_form")
+        losses = [em.step(X, torch.tensor([T])) for _ in range(5)]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        results[dtype] = (losses, {n: v.detach().double() for n, v in pyro.get_param_store().items()})
+    (l32, p32), (l64, p64) = results[torch.float32], results[torch.float64]
+    np.testing.assert_allclose(l32, l64, rtol=1e-3)
+    for name in p64:
+        torch.testing.assert_close(p32[name], p64[name], rtol=1e-3, atol=1e-3, msg=name)

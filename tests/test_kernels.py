@@ -42,10 +42,8 @@ def test_mvn_kernel_matches_torch(loc_shape, tril_shape, x_shape):
 @pytest.mark.parametrize("time_varying", [False, True])
 def test_discrete_hmm_kernel_matches_pyro(time_varying):
     K, T = 3, 40
-    trans = torch.randn((T, K, K) if time_varying else (K, K), requires_grad=True)
+    trans = torch.randn((T, K, K) if time_varying else (K, K))
     fn = dist.DiscreteHMM(torch.randn(K), trans, dist.Normal(torch.randn(K), torch.rand(K) + 0.5))
     x = torch.randn(5, T)
-    expected, actual = fn.log_prob(x), kernels.log_prob(fn, x)
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(actual.sum(), trans, retain_graph=True)[0],
-                               torch.autograd.grad(expected.sum(), trans)[0], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.log_prob(fn, x), fn.log_prob(x), rtol=1e-12, atol=1e-10)
