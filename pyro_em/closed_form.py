@@ -24,7 +24,7 @@ from torch.distributions import transform_to
 from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
-from .hmm import HMMPosterior, forward_backward
+from .hmm import forward_backward
 from .rules import Rule, UseContext, find_rule
 from .tracking import TrackParams, Tracked, compact, param_dependencies
 
@@ -102,13 +102,7 @@ def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.
     if not isinstance(fn, DiscreteHMM):
         yield "", fn, value, weight
         return
-    post = None
-    if weight is not None:
-        post = forward_backward(fn, value)
-        post = HMMPosterior(
-            post.log_z, post.initial * weight[..., None], post.transition * weight[..., None, None, None],
-            post.observation * weight[..., None, None],
-        )
+    post = None if weight is None else forward_backward(fn, value).scaled(weight)
     yield "", fn, None, post
     obs_value = value.unsqueeze(-1 - fn.observation_dist.event_dim)
     yield ("observation",) + unwrap(fn.observation_dist, obs_value, None if post is None else post.observation)

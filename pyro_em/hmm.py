@@ -15,20 +15,37 @@ from typing import NamedTuple, Tuple
 import torch
 from pyro.distributions import DiscreteHMM
 
+from .tracking import compact
+
 
 class HMMPosterior(NamedTuple):
     """Output of :func:`forward_backward` (batch dims ``...`` of the HMM).
 
     :ivar log_z: ``(...)`` log likelihood of each sequence.
     :ivar initial: ``(..., K)`` posterior of ``z[-1]``.
-    :ivar transition: ``(..., T, K, K)`` posterior of ``(z[t-1], z[t])``.
     :ivar observation: ``(..., T, K)`` posterior of ``z[t]``.
+    :ivar transition_factors: three tensors whose product, ``(..., T, K, K)``, is the posterior
+        of ``(z[t-1], z[t])``; kept apart so that expected counts are one contraction.
     """
 
     log_z: torch.Tensor
     initial: torch.Tensor
-    transition: torch.Tensor
     observation: torch.Tensor
+    transition_factors: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @property
+    def transition(self) -> torch.Tensor:
+        """``(..., T, K, K)`` posterior of ``(z[t-1], z[t])``."""
+        a, b, c = self.transition_factors
+        return a * b * c
+
+    def scaled(self, weight: torch.Tensor) -> "HMMPosterior":
+        """The posteriors times a per-sequence ``weight`` (a site's scale and mask)."""
+        a, b, c = self.transition_factors
+        return HMMPosterior(
+            self.log_z, self.initial * weight[..., None], self.observation * weight[..., None, None],
+            (a * weight[..., None, None, None], b, c),
+        )
 
 
 def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,48 +70,73 @@ class _Forward(NamedTuple):
 
 def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> _Forward:
     T = obs.shape[-2]
-    # A homogeneous chain was expanded over time: exponentiate one matrix, not T copies.
-    probs = (trans[..., :1, :, :] if trans.stride(-3) == 0 else trans).exp()
+    # Exponentiate the transitions before broadcasting: one matrix for a homogeneous chain,
+    # one per step for a time-varying one, a batch of them only if they vary by sequence.
+    probs = compact(trans).exp()
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
     b = (obs - shift.unsqueeze(-1)).exp().movedim(-2, 0)
     batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
     alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
     alphas[0] = initial.exp()
     scales = obs.new_empty((T,) + batch)
+    step = _steps(probs, T)
     for t in range(T):
-        a = (alphas[t].unsqueeze(-2) @ _at(probs, t)).squeeze(-2) * b[t]
+        a = _matmul(alphas[t], step[t]).mul_(b[t])
         torch.sum(a, -1, out=scales[t])
         torch.div(a, scales[t].unsqueeze(-1), out=alphas[t + 1])
     log_z = scales.log().sum(0) + shift.sum(-1)
     return _Forward(alphas, scales, log_z, b, probs)
 
 
-def _at(probs: torch.Tensor, t: int) -> torch.Tensor:
-    return probs[..., 0 if probs.shape[-3] == 1 else t, :, :]
+def _steps(probs: torch.Tensor, T: int) -> list:
+    """The transition matrix of each step (views; one shared matrix if homogeneous), as
+    plain K x K matrices unless they vary along a batch dim."""
+    per_step = probs.movedim(-3, 0)
+    if all(n == 1 for n in per_step.shape[1:-2]):
+        per_step = per_step.reshape(per_step.shape[:1] + per_step.shape[-2:])
+    return [per_step[0]] * T if per_step.shape[0] == 1 else list(per_step.unbind(0))
+
+
+def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``row @ A`` for a batch of rows ``(..., K)``, batched over ``A``'s leading dims if any."""
+    return row @ A if A.dim() == 2 else (row.unsqueeze(-2) @ A).squeeze(-2)
+
+
+_last_forward: list = []  # (fn, value, _Forward) of the latest E-step, reused by forward_backward
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` by the scaled forward pass (not differentiable)."""
+    """``fn.log_prob(value)`` by the scaled forward pass (not differentiable). The pass is kept
+    for a :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
     with torch.no_grad():
-        return _forward(*hmm_factors(fn, value)).log_z
+        fwd = _forward(*hmm_factors(fn, value))
+    _last_forward[:] = [fn, value, fwd]
+    return fwd.log_z
 
 
 def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
     """The log likelihood and every posterior of ``fn`` at ``value`` (see :class:`HMMPosterior`)."""
     with torch.no_grad():
-        fwd = _forward(*hmm_factors(fn, value))
+        if _last_forward and _last_forward[0] is fn and _last_forward[1] is value:
+            fwd = _last_forward[2]
+        else:
+            fwd = _forward(*hmm_factors(fn, value))
+        _last_forward.clear()
         T = fwd.scales.shape[0]
         # betas[t] is p(x[t+1:] | z[t]) divided by the later scales, so alphas[t+1] * betas[t]
-        # is the posterior of z[t]; the loop leaves beta as that of z[-1].
-        betas = torch.empty_like(fwd.b)
+        # is the posterior of z[t]; b_beta[t] = b[t] * betas[t] / scales[t], and the loop
+        # leaves beta as the posterior weight of z[-1].
+        b_beta = torch.empty_like(fwd.b)
         beta = torch.ones_like(fwd.alphas[0])
+        step = _steps(fwd.probs.mT, T)  # A^T per step: beta_{t-1} = b_beta_t @ A_t^T
         for t in range(T - 1, -1, -1):
-            betas[t] = beta
-            beta = (_at(fwd.probs, t) @ (fwd.b[t] * beta / fwd.scales[t].unsqueeze(-1)).unsqueeze(-1)).squeeze(-1)
-        observation = (fwd.alphas[1:] * betas).movedim(0, -2)
-        b_beta = (fwd.b * betas / fwd.scales.unsqueeze(-1)).movedim(0, -2)
-        transition = fwd.alphas[:-1].movedim(0, -2).unsqueeze(-1) * fwd.probs * b_beta.unsqueeze(-2)
-        return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, transition, observation)
+            torch.mul(fwd.b[t], beta, out=b_beta[t]).div_(fwd.scales[t].unsqueeze(-1))
+            beta = _matmul(b_beta[t], step[t])
+        prev, b_beta = fwd.alphas[:-1].movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
+        # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1]: one batched matmul.
+        observation = (prev.unsqueeze(-2) @ fwd.probs).squeeze(-2) * b_beta
+        factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
+        return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, observation, factors)
 
 
 def viterbi(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:

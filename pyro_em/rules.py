@@ -209,7 +209,7 @@ class HMMInitialRule(CategoricalRule):
 @register_m_step(DiscreteHMM, "transition_logits")
 class HMMTransitionRule(CategoricalRule):
     def summarize(self, ctx):
-        return {"counts": ctx.pool(ctx.weight.transition)}
+        return {"counts": ctx.pool(*ctx.weight.transition_factors)}
 
 
 # ---------------------------------------------------------------------------------------------

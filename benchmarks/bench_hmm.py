@@ -1,0 +1,110 @@
+"""Time Baum-Welch on categorical HMMs written in Pyro against hmmlearn, in one process.
+
+K=8 states, M=16 symbols, float64, the same data and starting point for everyone:
+  * vectorized form (one DiscreteHMM site), 50 sequences x 2,000 steps;
+  * sequential form (a pyro.markov loop), 20 sequences x 500 steps.
+hmmlearn's time per iteration is the difference between fits with n_iter=1 and n_iter=1+m,
+for its default ``implementation="log"`` and for ``"scaling"``; pyro_em's is a steady-state
+``EM.step``.
+
+Run:  python benchmarks/bench_hmm.py [--repeat 3]
+Needs hmmlearn (``pip install -e ".[test]"``).
+"""
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from hmmlearn import hmm
+from torch.distributions import constraints
+
+from pyro_em import EM
+
+K, M = 8, 16
+
+
+def best_time(fn, repeat):
+    fn()  # warm up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def vectorized(start0, trans0, emit0):
+    def model(X):
+        start = pyro.param("start", start0.log())
+        trans = pyro.param("trans", trans0.log())
+        emit = pyro.param("emit", emit0.clone(), constraint=constraints.simplex)
+        T = X.shape[1]
+        # hmmlearn's first state is drawn from start: an identity first transition.
+        transitions = torch.cat([torch.eye(K, dtype=X.dtype).log().expand(1, K, K), trans.expand(T - 1, K, K)])
+        with pyro.plate("seqs", X.shape[0]):
+            pyro.sample("x", dist.DiscreteHMM(start, transitions, dist.Categorical(emit)), obs=X)
+
+    return model
+
+
+def sequential(start0, trans0, emit0):
+    def model(X):
+        start = pyro.param("start", start0.clone(), constraint=constraints.simplex)
+        trans = pyro.param("trans", trans0.clone(), constraint=constraints.simplex)
+        emit = pyro.param("emit", emit0.clone(), constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0]):
+            z = None
+            for t in pyro.markov(range(X.shape[1])):
+                z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+    return model
+
+
+def hmmlearn_iteration(X, init, implementation, m, repeat):
+    S, T = X.shape
+    flat, lengths = X.reshape(-1, 1).numpy(), [T] * S
+
+    def fit(n_iter):
+        model = hmm.CategoricalHMM(K, n_iter=n_iter, tol=0, init_params="", params="ste",
+                                   implementation=implementation)
+        model.startprob_, model.transmat_, model.emissionprob_ = (t.numpy() for t in init)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(flat, lengths)
+
+    return (best_time(lambda: fit(1 + m), repeat) - best_time(lambda: fit(1), repeat)) / m
+
+
+def main(repeat):
+    torch.set_default_dtype(torch.float64)
+    g = torch.Generator().manual_seed(0)
+
+    def simplex(*shape):
+        t = torch.rand(*shape, generator=g) + 0.5
+        return t / t.sum(-1, keepdim=True)
+
+    init = (simplex(K), simplex(K, K), simplex(K, M))
+    print(f"Categorical HMM, K={K} states, M={M} symbols, float64, torch threads={torch.get_num_threads()}")
+    print(f"{'':42s} {'s/iter':>8s} {'vs log':>7s} {'vs scaling':>10s}")
+    for form, build, S, T, m in [("vectorized", vectorized, 50, 2000, 5), ("sequential", sequential, 20, 500, 3)]:
+        X = torch.randint(M, (S, T), generator=g)
+        pyro.clear_param_store()
+        em = EM(build(*init), m_step="closed_form")
+        em.step(X)  # plan
+        t_em = best_time(lambda: em.step(X), repeat)
+        t_log = hmmlearn_iteration(X, init, "log", m, repeat)
+        t_scaling = hmmlearn_iteration(X, init, "scaling", m, repeat)
+        print(f"{'hmmlearn log, ' + f'{S} x {T}':42s} {t_log:8.4f}")
+        print(f"{'hmmlearn scaling, ' + f'{S} x {T}':42s} {t_scaling:8.4f}")
+        print(f"{'pyro_em ' + form + ', ' + f'{S} x {T}':42s} {t_em:8.4f} {t_em / t_log:7.2f} {t_em / t_scaling:10.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    main(parser.parse_args().repeat)
