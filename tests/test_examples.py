@@ -27,3 +27,14 @@ def test_sprinkler(capsys, monkeypatch):
     assert "converged" in out and "wet: closed form" in out
     wet = out.split("wet grass")[1].split("]")[0].strip(" [").split(",")
     assert abs(float(wet[1]) - 0.9) < 0.05 and abs(float(wet[3]) - 0.99) < 0.02
+
+
+def test_casino(capsys, monkeypatch):
+    torch.set_default_dtype(torch.float32)
+    monkeypatch.setattr(sys, "argv", ["casino.py", "--rolls", "2000"])
+    runpy.run_path(str(EXAMPLES / "casino.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "converged" in out
+    six = float(out.split("  loaded [")[2].split("]")[0].split(",")[5])
+    accuracy = float(out.split("called right by the posterior:")[1].split("%")[0])
+    assert six > 0.4 and accuracy > 75
