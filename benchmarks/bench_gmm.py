@@ -31,6 +31,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch.distributions import constraints
 
+from _timing import best_time
 from pyro_em import EM
 
 
@@ -73,16 +74,6 @@ def peak_extra_memory(fn) -> int:
         done.set()
         watcher.join()
     return max(peak[0], _rss()) - base
-
-
-def best_time(fn, repeat):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def pomegranate_iteration(X, init, m, repeat):

@@ -12,29 +12,18 @@ Needs hmmlearn (``pip install -e ".[test]"``).
 """
 
 import argparse
-import time
 import warnings
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from hmmlearn import hmm
 from torch.distributions import constraints
 
+from _timing import best_time
 from pyro_em import EM
 
 K, M = 8, 16
-
-
-def best_time(fn, repeat):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def vectorized(start0, trans0, emit0):
