@@ -2,6 +2,7 @@
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +11,7 @@ from torch.distributions import constraints
 from pyro_em import EM
 
 
+@pytest.mark.parametrize("m_step", ["auto", "gradient"])
 @settings(max_examples=25, deadline=None)
 @given(
     K=st.integers(1, 3),
@@ -18,7 +20,7 @@ from pyro_em import EM
     seed=st.integers(0, 2**31 - 1),
     nested=st.booleans(),
 )
-def test_exact_em_never_increases_the_loss(K, N, D, seed, nested):
+def test_exact_em_never_increases_the_loss(m_step, K, N, D, seed, nested):
     """Exact EM on random Gaussian mixtures (optionally with a per-datum second latent):
     the loss is monotone, params stay on their constraints, posteriors are distributions.
     The shared variance is a MAP site with an InverseGamma prior, which keeps the likelihood
@@ -41,7 +43,7 @@ def test_exact_em_never_increases_the_loss(K, N, D, seed, nested):
                 sign = 1.0 - 2.0 * pyro.sample("s", dist.Bernoulli(flip))[..., None]
             pyro.sample("x", dist.Normal(sign * locs[z], var.sqrt()).to_event(1), obs=data)
 
-    em = EM(model, max_plate_nesting=1)
+    em = EM(model, m_step=m_step, max_plate_nesting=1)
     losses = [em.step(data) for _ in range(4)]
     losses.append(em.evaluate_loss(data))
     for before, after in zip(losses, losses[1:]):
