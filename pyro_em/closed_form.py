@@ -220,28 +220,40 @@ def _incompatible(uses: List[Use]) -> Optional[str]:
     return None
 
 
-def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0) -> None:
+def estep_parts(estep: EStep) -> Callable[[str], Dict[str, tuple]]:
+    """Each site's :func:`components`, weighted by the posterior of ``estep``."""
+    trace = estep.trace
+
+    def parts(site_name: str) -> Dict[str, tuple]:
+        site = trace.nodes[site_name]
+        weight = packed.unpack(estep.weights[site_name], trace.symbol_to_dim)
+        return {p[0]: p[1:] for p in components(site["fn"], site["value"], weight)}
+
+    return parts
+
+
+def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, parts=None) -> None:
     """Apply the closed-form updates of ``plan`` with the posterior of ``estep``.
 
     Params are updated in plan order; a rule that needs another argument of its distribution
-    (a scale needs the mean) sees values already updated in this M-step.
+    (a scale needs the mean) sees values already updated in this M-step. ``parts`` (a site
+    name -> ``{part: (fn, value, weight)}`` function) replaces ``estep`` as the source of the
+    weighted sites, as for a fused Markov chain.
 
     :raises ValueError: if an update is not finite or not valid for its constraint.
     """
     store = pyro.get_param_store()
-    trace = estep.trace
+    parts = parts or estep_parts(estep)
     new: Dict[str, torch.Tensor] = {}
-    parts: Dict[str, dict] = {}  # per site, computed once (a DiscreteHMM runs forward-backward)
+    cache: Dict[str, dict] = {}  # per site, computed once (a DiscreteHMM runs forward-backward)
     for name, uses in plan.closed_form.items():
         old = store[name].detach()
         stats: Dict[str, torch.Tensor] = {}
         solver_ctx = None
         for use in uses:
-            if use.site not in parts:
-                site = trace.nodes[use.site]
-                weight = packed.unpack(estep.weights[use.site], trace.symbol_to_dim)
-                parts[use.site] = {p[0]: p[1:] for p in components(site["fn"], site["value"], weight)}
-            fn, value, weight = parts[use.site][use.part]
+            if use.site not in cache:
+                cache[use.site] = parts(use.site)
+            fn, value, weight = cache[use.site][use.part]
             ctx = UseContext(
                 fn, value, weight, use.ids, use.arg, old.numel(),
                 _current(plan.tracked_args.get((use.site, use.part), {}), fn, new), reg_covar, use.joint,

@@ -13,9 +13,11 @@ from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
 from ._validation import check_fit_args, check_params_finite
-from .closed_form import MStepPlan, closed_form_update, plan_m_step
+from .chain import FusedChain, fuse_chain
+from .closed_form import MStepPlan, closed_form_update, components, plan_m_step
 from .estep import EStep, e_step, expected_log_joint, trace_model
 from .gradient import GradientMStep
+from .hmm import hmm_log_prob
 from .map_sites import MapMessenger
 from .posterior import site_marginals
 
@@ -129,6 +131,9 @@ class EM:
         """How each param is updated (an :class:`~pyro_em.closed_form.MStepPlan`; print it),
         made at the first :meth:`step` and again when the model's arguments change."""
         self._plan_key: Optional[tuple] = None
+        self.fused_chain: Optional[FusedChain] = None
+        """The ``pyro.markov`` chain that steps run as one DiscreteHMM, without tracing the
+        model, if the plan recognized one (see :mod:`pyro_em.chain`); else ``None``."""
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
         self.fitted_model = MapMessenger(init_loc_fn, map_prefix)(model)
@@ -181,6 +186,8 @@ class EM:
         :raises ValueError: on bad data or a model with nothing to fit.
         :raises RuntimeError: if the M-step produced non-finite parameter values.
         """
+        if self.fused_chain is not None and self._plan_key == _args_key(args, kwargs):
+            return self._fused_step(self.fused_chain)
         with _rollback_new_params():
             estep = self.e_step(*args, **kwargs)
             params = {
@@ -217,12 +224,39 @@ class EM:
                 raise
         return -float(estep.log_z)
 
+    def _fused_step(self, chain: FusedChain) -> float:
+        """One exact EM step of a fused chain: forward-backward, then the closed-form rules."""
+        params = {name: pyro.param(name).unconstrained() for name in chain.plan.closed_form}
+        check_params_finite(params)
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            fn = chain.distribution()
+            log_z = hmm_log_prob(fn, chain.values).sum()
+            if not torch.isfinite(log_z):
+                raise ValueError(
+                    f"The log marginal likelihood is {float(log_z)} at the current parameters: "
+                    "no state path explains the observations (or a parameter is degenerate)."
+                )
+            weight = torch.ones(chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
+            parts = {p[0]: p[1:] for p in components(fn, chain.values, weight)}
+            closed_form_update(chain.plan, None, self.reg_covar, parts=lambda site: parts)
+            for name, p in params.items():
+                if not bool(torch.isfinite(p).all()):
+                    raise RuntimeError(f"The M-step produced non-finite values for param '{name}'.")
+        except BaseException:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+            raise
+        return -float(log_z)
+
     def _get_plan(self, args: tuple, kwargs: dict) -> MStepPlan:
         # Plans hold index maps that may depend on the data: redo them for new arguments.
-        key = tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
+        key = _args_key(args, kwargs)
         if self.plan is None or key != self._plan_key:
             first_dim = self._first_available_dim(args, kwargs)
             self.plan = plan_m_step(self.fitted_model, args, kwargs, first_dim, self.m_step)
+            self.fused_chain = fuse_chain(self.fitted_model, args, kwargs, first_dim, self.plan)
             self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
         return self.plan
 
@@ -284,6 +318,10 @@ class EM:
         with _rollback_new_params():
             estep = self.e_step(*args, **kwargs)
         return site_marginals(estep, self.max_plate_nesting)
+
+
+def _args_key(args: tuple, kwargs: dict) -> tuple:
+    return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
 
 
 @contextmanager

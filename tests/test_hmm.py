@@ -125,9 +125,12 @@ def make_case(family, g):
     return init, seqs, reference, emission, params
 
 
-@pytest.mark.parametrize("form", ["sequential", "vectorized"])
+@pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized"])
 @pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
-def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form):
+def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, monkeypatch):
+    """"sequential" runs fused into one DiscreteHMM; "sequential-traced" the general path."""
+    if form == "sequential-traced":
+        monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *args: None)
     g = torch.Generator().manual_seed(0)
     init, seqs, reference, emission, emission_params = make_case(family, g)
     reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
@@ -136,11 +139,12 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form):
         X_np = X_np.reshape(-1, 1)
     X, lengths = padded(seqs), torch.tensor(LENGTHS)
 
-    build = sequential_hmm if form == "sequential" else vectorized_hmm
+    build = vectorized_hmm if form == "vectorized" else sequential_hmm
     em = EM(build(emission, init), m_step="closed_form")
-    probs = (lambda p: p) if form == "sequential" else (lambda p: p.softmax(-1))
+    probs = (lambda p: p.softmax(-1)) if form == "vectorized" else (lambda p: p)
     for _ in range(ITERS):
         em.step(X, lengths)
+        assert (em.fused_chain is not None) == (form == "sequential")
         fit_one_iteration(reference, X_np, LENGTHS)
         checks = {"start": (probs(pyro.param("start")), reference.startprob_),
                   "trans": (probs(pyro.param("trans")), reference.transmat_), **emission_params()}
@@ -155,7 +159,7 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form):
     expected = reference.predict_proba(X_np, LENGTHS)
     offsets = np.cumsum([0] + LENGTHS)
     _, viterbi_path = reference.decode(X_np, LENGTHS, algorithm="viterbi")
-    if form == "sequential":
+    if form != "vectorized":
         decoder = infer_discrete(config_enumerate(em.fitted_model), temperature=0, first_available_dim=-2)
         trace = poutine.trace(decoder).get_trace(X, lengths)
         marginals = torch.stack([posterior[f"z_{t}"] for t in range(X.shape[1])], 1)
@@ -198,3 +202,31 @@ def test_long_sequence_in_float32_matches_float64():
     np.testing.assert_allclose(l32, l64, rtol=1e-3)
     for name in p64:
         torch.testing.assert_close(p32[name], p64[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["per_step_emission", "gap_in_mask"])
+def test_chains_that_cannot_be_fused_take_the_general_path(variant):
+    g = torch.Generator().manual_seed(0)
+    S, T = 2, 6
+    X = torch.randint(M, (S, T), generator=g)
+    init = {"start": random_simplex(g, K), "trans": random_simplex(g, K, K), "emit": random_simplex(g, T, K, M)}
+    mask = torch.ones(S, T, dtype=torch.bool)
+    if variant == "gap_in_mask":
+        mask[0, 2] = False  # a missing step in the middle, not an end
+
+    def model(X):
+        start = pyro.param("start", init["start"].clone(), constraint=constraints.simplex)
+        trans = pyro.param("trans", init["trans"].clone(), constraint=constraints.simplex)
+        with pyro.plate("seqs", S):
+            z = None
+            for t in pyro.markov(range(T)):
+                emit = pyro.param(f"emit_{t if variant == 'per_step_emission' else 0}", init["emit"][t].clone(),
+                                  constraint=constraints.simplex)
+                with poutine.mask(mask=mask[:, t]):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                    pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+    em = EM(model, m_step="closed_form")
+    losses = [em.step(X) for _ in range(3)]
+    assert em.fused_chain is None
+    assert losses[2] <= losses[1] <= losses[0]

@@ -1,0 +1,235 @@
+"""Fused Markov chains: a ``pyro.markov`` HMM fitted without tracing the model at every step.
+
+A model written with ``pyro.markov`` costs one Pyro sample statement per state and per
+observation at every EM step. When the trace has exactly that shape -- Categorical states
+``z[0] ~ start``, ``z[t] ~ trans[z[t-1]]``, one emission site per step that depends on
+``z[t]`` alone, every param used directly (as the plan found), the same tables at every step,
+masks that only switch sequences off for good -- the chain is rebuilt once as the equivalent
+:class:`~pyro.distributions.DiscreteHMM` (identity first transition, identity and masked
+emissions past each sequence's end), whose arguments are gathered from the current params by
+the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
+pooled into the original params. Anything else takes the general path.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.distributions as td
+from pyro.poutine.util import prune_subsample_sites
+
+from ._validation import MAP_FLAG
+from .closed_form import MStepPlan, Use, _args, unwrap
+from .estep import enum_model, enum_symbols, trace_model
+from .rules import find_rule
+from .tracking import TrackParams, compact
+
+SITE = "_chain"
+
+
+@dataclass
+class FusedChain:
+    """A recognized chain, ready to be rebuilt from the current params (see module docs)."""
+
+    values: torch.Tensor  # (S, T, *event) observations
+    active: Optional[torch.Tensor]  # (S, T): steps before each sequence's end, None if all
+    start: Tuple[str, torch.Tensor, str]  # (param, ids (K,), "probs" or "logits")
+    trans: Tuple[str, torch.Tensor, str]  # (param, ids (K, K), "probs" or "logits")
+    emission_type: type
+    emission_args: Dict[str, Tuple[Optional[str], torch.Tensor]]  # arg -> (param, ids) or (None, value)
+    emission_event_dims: int  # dims reinterpreted by .to_event
+    plan: MStepPlan
+
+    def distribution(self) -> dist.DiscreteHMM:
+        """The chain as one DiscreteHMM, at the current param values."""
+        store = pyro.get_param_store()
+
+        def logits(spec):
+            name, ids, arg = spec
+            value = store[name].detach().reshape(-1)[ids]
+            return value.log() if arg == "probs" else value
+
+        start, trans = logits(self.start), logits(self.trans)
+        S, T = self.values.shape[:2]
+        K = start.shape[-1]
+        identity = torch.eye(K, dtype=trans.dtype, device=trans.device).log()
+        transitions = torch.cat([identity.expand(1, K, K), trans.expand(T - 1, K, K)])
+        args = {
+            arg: store[name].detach().reshape(-1)[ids] if name is not None else ids
+            for arg, (name, ids) in self.emission_args.items()
+        }
+        emission = self.emission_type(**args, validate_args=False)
+        if self.emission_event_dims:
+            emission = emission.to_event(self.emission_event_dims)
+        if self.active is not None:
+            transitions = torch.where(self.active[..., None, None], transitions, identity)
+            emission = emission.expand((S, T, K)).mask(self.active[..., None])
+        return dist.DiscreteHMM(start, transitions, emission)
+
+
+def _canonical(ids: torch.Tensor, enum_dim: Optional[int], event_dims: int, K: int) -> Optional[torch.Tensor]:
+    """Reshape compact ids to ``(K, *event)`` indexed by the state at ``enum_dim`` (or just
+    ``(*event)`` with ``enum_dim=None``); None if they vary along any other batch dim."""
+    batch = ids.dim() - event_dims
+    if enum_dim is not None:
+        pos = enum_dim - event_dims
+        if -pos > ids.dim():
+            ids = ids.reshape((1,) * (-pos - ids.dim()) + ids.shape)
+            batch = ids.dim() - event_dims
+        ids = ids.movedim(pos, 0)
+        rest = ids.shape[1:batch]
+    else:
+        rest = ids.shape[:batch]
+    if any(n != 1 for n in rest):
+        return None
+    event = ids.shape[batch:]
+    if enum_dim is None:
+        return ids.reshape(event)
+    return ids.reshape((ids.shape[0],) + event).expand((K,) + event)
+
+
+def fuse_chain(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, plan: MStepPlan) -> Optional[FusedChain]:
+    """Recognize a fusable Markov chain in ``model`` (see module docs), or return None."""
+    if plan.gradient or not plan.closed_form:
+        return None
+    with torch.no_grad():
+        scored = trace_model(model, args, kwargs, first_available_dim)
+        tracked = prune_subsample_sites(
+            poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
+        )
+    symbols = enum_symbols(scored)
+    sites = [(n, s) for n, s in scored.nodes.items() if s["type"] == "sample"]
+    stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
+    if len(stacks) != 1 or len(next(iter(stacks))) > 1:
+        return None
+    if any(s["infer"].get(MAP_FLAG) or float(s["scale"]) != 1.0 for _, s in sites):
+        return None
+
+    states: List[str] = []
+    emissions: List[str] = []
+    for name, site in sites:
+        deps = symbols.intersection(site["packed"]["log_prob"]._pyro_dims)
+        own = site["infer"].get("_enumerate_symbol")
+        if own is not None:
+            prev = scored.nodes[states[-1]]["infer"]["_enumerate_symbol"] if states else None
+            if deps != ({own} if prev is None else {own, prev}) or len(emissions) != len(states):
+                return None
+            states.append(name)
+        else:
+            if not states or deps != {scored.nodes[states[-1]]["infer"]["_enumerate_symbol"]} or len(emissions) != len(states) - 1:
+                return None
+            emissions.append(name)
+    T = len(states)
+    if T < 2 or len(emissions) != T:
+        return None
+
+    state_fns = [unwrap(scored.nodes[n]["fn"], scored.nodes[n]["value"], None)[0] for n in states]
+    if any(type(f) is not dist.Categorical and not isinstance(f, td.Categorical) for f in state_fns):
+        return None
+    K = state_fns[0]._num_events
+
+    def state_spec(t: int):
+        tracked_args = plan.tracked_args.get((states[t], ""), {})
+        if len(tracked_args) != 1:
+            return None
+        arg, (name, ids) = next(iter(tracked_args.items()))
+        enum_dim = None if t == 0 else scored.nodes[states[t - 1]]["infer"]["_enumerate_dim"]
+        ids = _canonical(ids, enum_dim, 1, K)
+        return None if ids is None else (name, ids, arg)
+
+    start, trans = state_spec(0), state_spec(1)
+    if start is None or trans is None:
+        return None
+    for t in range(2, T):
+        spec = state_spec(t)
+        if spec is None or spec[0] != trans[0] or spec[2] != trans[2] or not torch.equal(spec[1], trans[1]):
+            return None
+
+    # Emissions: the same family and the same (state-indexed) arguments at every step.
+    emission_args, emission_type, event_dims, values = None, None, None, []
+    for t, name in enumerate(emissions):
+        site = tracked.nodes[name]
+        fn, event = site["fn"], 0
+        while isinstance(fn, (td.Independent, dist.torch_distribution.ExpandedDistribution)):
+            event += getattr(fn, "reinterpreted_batch_ndims", 0)
+            fn = fn.base_dist
+        if isinstance(fn, (dist.MaskedDistribution, td.OneHotCategorical)):
+            return None
+        enum_dim = scored.nodes[states[t]]["infer"]["_enumerate_dim"]
+        spec = {}
+        tracked_args = plan.tracked_args.get((name, ""), {})
+        for arg, tensor in _args(fn, None).items():
+            # The argument's own event dims and the dims .to_event reinterpreted follow the state.
+            arg_event = tensor.dim() - len(fn.batch_shape) + event
+            if arg in tracked_args:
+                pname, ids = tracked_args[arg]
+                ids = _canonical(ids, enum_dim, arg_event, K)
+                if ids is None:
+                    return None
+                spec[arg] = (pname, ids)
+            else:
+                const = _canonical(compact(tensor), enum_dim, arg_event, K)
+                if const is None:
+                    return None
+                spec[arg] = (None, const)
+        if emission_args is None:
+            emission_args, emission_type, event_dims = spec, type(fn), event
+        elif (
+            type(fn) is not emission_type
+            or event != event_dims
+            or spec.keys() != emission_args.keys()
+            or any(spec[a][0] != emission_args[a][0] or not torch.equal(spec[a][1], emission_args[a][1]) for a in spec)
+        ):
+            return None
+        values.append(scored.nodes[name]["value"])
+
+    plate_size = next(iter(stacks))[0].size if next(iter(stacks)) else None
+    values = torch.stack(values, 1) if plate_size is not None else torch.stack(values, 0).unsqueeze(0)
+    if plate_size is not None and values.shape[0] != plate_size:
+        return None
+
+    masks = [_step_mask(scored.nodes[n]["mask"]) for n in states]
+    if any(not _same_mask(_step_mask(scored.nodes[e]["mask"]), m) for e, m in zip(emissions, masks)):
+        return None
+    S = values.shape[0]
+    active = None
+    if any(m is not None for m in masks):
+        active = torch.stack([torch.ones(S, dtype=torch.bool) if m is None else m.expand(S) for m in masks], 1)
+        if not bool(active[:, 0].all()) or bool((active[:, 1:] & ~active[:, :-1]).any()):
+            return None  # only sequences that end, never gaps, are fused
+
+    # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after,
+    # identity (id -1) past each sequence's end.
+    trans_ids = torch.cat([torch.full((1, K, K), -1, dtype=trans[1].dtype), trans[1].expand(T - 1, K, K)])
+    if active is not None:
+        trans_ids = torch.where(active[..., None, None], trans_ids, -1)
+    generic = {(u.arg, name): u for name, uses in plan.closed_form.items() for u in uses}
+    fused = MStepPlan()
+    fused.tracked_args[(SITE, "observation")] = {a: v for a, v in emission_args.items() if v[0] is not None}
+    for name in plan.closed_form:
+        uses = []
+        if name == start[0]:
+            uses.append(Use(SITE, "", start[2], start[1], find_rule(dist.DiscreteHMM, "initial_logits")))
+        if name == trans[0]:
+            uses.append(Use(SITE, "", trans[2], trans_ids, find_rule(dist.DiscreteHMM, "transition_logits")))
+        for arg, (pname, ids) in emission_args.items():
+            if pname == name:
+                like = generic[(arg, name)]
+                uses.append(Use(SITE, "observation", arg, ids, like.rule, like.joint))
+        if not uses:
+            return None
+        fused.closed_form[name] = uses
+    return FusedChain(values, active, start, trans, emission_type, emission_args, event_dims, fused)
+
+
+def _step_mask(mask):
+    return None if mask is None or mask is True else mask
+
+
+def _same_mask(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool((a == b).all())
