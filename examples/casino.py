@@ -37,9 +37,8 @@ def model(rolls: torch.Tensor) -> None:
     start = pyro.param("start_logits", torch.zeros(2))
     trans = pyro.param("trans_logits", torch.tensor([[0.9, 0.1], [0.1, 0.9]]).log())
     emit = pyro.param("emit", lambda: dist.Dirichlet(torch.full((2, 6), 50.0)).sample(), constraint=constraints.simplex)
-    # DiscreteHMM's initial state comes before the first roll; the same model written with
-    # pyro.markov (z[t] ~ Categorical(trans[z[t-1]]), roll[t] ~ Categorical(emit[z[t]])) fits
-    # the same way, only slower.
+    # DiscreteHMM's initial state comes before the first roll. The same model can be written
+    # with pyro.markov: z[t] ~ Categorical(trans[z[t-1]]), roll[t] ~ Categorical(emit[z[t]]).
     pyro.sample("rolls", dist.DiscreteHMM(start, trans, dist.Categorical(emit)), obs=rolls)
 
 

@@ -22,7 +22,7 @@ import torch.distributions as td
 from pyro.poutine.util import prune_subsample_sites
 
 from ._validation import MAP_FLAG
-from .closed_form import MStepPlan, Use, _args, unwrap
+from .closed_form import MStepPlan, Use, distribution_args, unwrap
 from .estep import enum_model, enum_symbols, trace_model
 from .rules import find_rule
 from .tracking import TrackParams, compact
@@ -127,7 +127,7 @@ def fuse_chain(model: Callable, args: tuple, kwargs: dict, first_available_dim: 
         return None
 
     state_fns = [unwrap(scored.nodes[n]["fn"], scored.nodes[n]["value"], None)[0] for n in states]
-    if any(type(f) is not dist.Categorical and not isinstance(f, td.Categorical) for f in state_fns):
+    if not all(isinstance(f, td.Categorical) for f in state_fns):
         return None
     K = state_fns[0]._num_events
 
@@ -161,7 +161,7 @@ def fuse_chain(model: Callable, args: tuple, kwargs: dict, first_available_dim: 
         enum_dim = scored.nodes[states[t]]["infer"]["_enumerate_dim"]
         spec = {}
         tracked_args = plan.tracked_args.get((name, ""), {})
-        for arg, tensor in _args(fn, None).items():
+        for arg, tensor in distribution_args(fn, None).items():
             # The argument's own event dims and the dims .to_event reinterpreted follow the state.
             arg_event = tensor.dim() - len(fn.batch_shape) + event
             if arg in tracked_args:

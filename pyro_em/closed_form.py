@@ -108,7 +108,7 @@ def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.
     yield ("observation",) + unwrap(fn.observation_dist, obs_value, None if post is None else post.observation)
 
 
-def _args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
+def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
     """The distribution's tensor arguments and its value. Untracked lazy properties (say
     ``logits`` computed from given ``probs``) are derived, not arguments: skipped here, while
     the dependency walk over the log density still sees any param behind them."""
@@ -149,7 +149,7 @@ def plan_m_step(model: Callable, args: tuple, kwargs: dict, first_available_dim:
             continue
         direct = set()
         for part, fn, value, _ in components(site["fn"], site["value"], None):
-            for arg, t in _args(fn, value).items():
+            for arg, t in distribution_args(fn, value).items():
                 if not isinstance(t, Tracked):
                     for p in param_dependencies(t, leaves):
                         reasons.setdefault(p, f"enters site '{site_name}' through a computation")
