@@ -12,20 +12,19 @@ pooled into the original params. Anything else takes the general path.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 import torch.distributions as td
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.trace_struct import Trace
 
 from ._validation import MAP_FLAG
 from .closed_form import MStepPlan, Use, distribution_args, unwrap
-from .estep import enum_model, enum_symbols, trace_model
+from .estep import enum_symbols
 from .rules import find_rule
-from .tracking import TrackParams, compact
+from .tracking import compact
 
 SITE = "_chain"
 
@@ -91,15 +90,11 @@ def _canonical(ids: torch.Tensor, enum_dim: Optional[int], event_dims: int, K: i
     return ids.reshape((ids.shape[0],) + event).expand((K,) + event)
 
 
-def fuse_chain(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, plan: MStepPlan) -> Optional[FusedChain]:
-    """Recognize a fusable Markov chain in ``model`` (see module docs), or return None."""
+def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[FusedChain]:
+    """Recognize a fusable Markov chain (see module docs) in the traces a ``plan`` was made
+    from (:func:`~pyro_em.closed_form.analysis_traces`), or return None."""
     if plan.gradient or not plan.closed_form:
         return None
-    with torch.no_grad():
-        scored = trace_model(model, args, kwargs, first_available_dim)
-        tracked = prune_subsample_sites(
-            poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
-        )
     symbols = enum_symbols(scored)
     sites = [(n, s) for n, s in scored.nodes.items() if s["type"] == "sample"]
     stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
@@ -184,7 +179,7 @@ def fuse_chain(model: Callable, args: tuple, kwargs: dict, first_available_dim: 
             or any(spec[a][0] != emission_args[a][0] or not torch.equal(spec[a][1], emission_args[a][1]) for a in spec)
         ):
             return None
-        values.append(scored.nodes[name]["value"])
+        values.append(scored.nodes[name]["value"].detach())
 
     plate_size = next(iter(stacks))[0].size if next(iter(stacks)) else None
     values = torch.stack(values, 1) if plate_size is not None else torch.stack(values, 0).unsqueeze(0)

@@ -19,6 +19,7 @@ import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.ops import packed
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
 from torch.distributions.utils import lazy_property
@@ -124,17 +125,22 @@ def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
     return args
 
 
-def plan_m_step(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, mode: str) -> MStepPlan:
-    """Decide how each param of ``model`` is updated (see the module docs).
+def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_dim: int) -> Tuple[Trace, Trace]:
+    """The two traces a plan is made from, under autograd: ``tracked``, whose param values are
+    :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log densities."""
+    with torch.enable_grad():
+        tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
+        scored = trace_model(model, args, kwargs, first_available_dim)
+    return prune_subsample_sites(tracked), scored
+
+
+def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
+    """Decide how each param is updated (see the module docs), from :func:`analysis_traces`.
 
     :param mode: ``"auto"``, ``"gradient"`` (everything by gradient) or ``"closed_form"``.
     :raises ValueError: with ``mode="closed_form"``, naming a param that has no closed form.
     """
     store = pyro.get_param_store()
-    with torch.enable_grad():
-        tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
-        scored = trace_model(model, args, kwargs, first_available_dim)
-    tracked = prune_subsample_sites(tracked)
     names = [n for n, s in tracked.nodes.items() if s["type"] == "param"]
     leaves = {p: n for n, p in store.named_parameters() if n in names}
     plan = MStepPlan()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ._validation import check_fit_args, check_params_finite
 from .chain import FusedChain, fuse_chain
-from .closed_form import MStepPlan, closed_form_update, components, plan_m_step
+from .closed_form import MStepPlan, analysis_traces, closed_form_update, components, plan_m_step
 from .estep import EStep, e_step, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .hmm import hmm_log_prob
@@ -255,8 +255,9 @@ class EM:
         key = _args_key(args, kwargs)
         if self.plan is None or key != self._plan_key:
             first_dim = self._first_available_dim(args, kwargs)
-            self.plan = plan_m_step(self.fitted_model, args, kwargs, first_dim, self.m_step)
-            self.fused_chain = fuse_chain(self.fitted_model, args, kwargs, first_dim, self.plan)
+            tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim)
+            self.plan = plan_m_step(tracked, scored, self.m_step)
+            self.fused_chain = fuse_chain(tracked, scored, self.plan)
             self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
         return self.plan
 
