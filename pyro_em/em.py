@@ -200,9 +200,7 @@ class EM:
                     "The model has no pyro.param and no continuous latent site to estimate: "
                     "there is nothing for EM to fit."
                 )
-            check_params_finite(params)
-            saved = {name: p.detach().clone() for name, p in params.items()}
-            try:
+            with _m_step_transaction(params):
                 plan = self._get_plan(args, kwargs)
                 if plan.closed_form:
                     closed_form_update(plan, estep, self.reg_covar)
@@ -211,25 +209,12 @@ class EM:
                     self._gradient_m_step(
                         lambda: expected_log_joint(estep, self._trace(args, kwargs)), rest
                     )
-                for name, p in params.items():
-                    if not bool(torch.isfinite(p).all()):
-                        raise RuntimeError(
-                            f"The M-step produced non-finite values for param '{name}'; the "
-                            "param store was restored to its values before this step."
-                        )
-            except BaseException:
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.copy_(saved[name])
-                raise
         return -float(estep.log_z)
 
     def _fused_step(self, chain: FusedChain) -> float:
         """One exact EM step of a fused chain: forward-backward, then the closed-form rules."""
         params = {name: pyro.param(name).unconstrained() for name in chain.plan.closed_form}
-        check_params_finite(params)
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        try:
+        with _m_step_transaction(params):
             fn = chain.distribution()
             log_z = hmm_log_prob(fn, chain.values).sum()
             if not torch.isfinite(log_z):
@@ -240,14 +225,6 @@ class EM:
             weight = torch.ones(chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
             parts = {p[0]: p[1:] for p in components(fn, chain.values, weight)}
             closed_form_update(chain.plan, None, self.reg_covar, parts=lambda site: parts)
-            for name, p in params.items():
-                if not bool(torch.isfinite(p).all()):
-                    raise RuntimeError(f"The M-step produced non-finite values for param '{name}'.")
-        except BaseException:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
-            raise
         return -float(log_z)
 
     def _get_plan(self, args: tuple, kwargs: dict) -> MStepPlan:
@@ -323,6 +300,27 @@ class EM:
 
 def _args_key(args: tuple, kwargs: dict) -> tuple:
     return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
+
+
+@contextmanager
+def _m_step_transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
+    """Update ``params`` (unconstrained, in place) all or nothing: on an exception, or a
+    non-finite result, every one gets back the value it had before the block."""
+    check_params_finite(params)
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        yield
+        for name, p in params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise RuntimeError(
+                    f"The M-step produced non-finite values for param '{name}'; the param "
+                    "store was restored to its values before this step."
+                )
+    except BaseException:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        raise
 
 
 @contextmanager

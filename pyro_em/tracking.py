@@ -49,11 +49,10 @@ _MOVES = {
 _ROW_REDUCTIONS = {torch.Tensor.sum: "sum", torch.sum: "sum", torch.Tensor.logsumexp: "lse", torch.logsumexp: "lse"}
 _DIVS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.div}
 _SUBS = {torch.Tensor.sub, torch.Tensor.__sub__, torch.sub}
-_TRIVIAL = {torch.Tensor.dim, torch.Tensor.size, torch.Tensor.ndimension, torch.Tensor.numel}
 
 
 class Tracked(torch.Tensor):
-    """A tensor that knows which elements of param ``name`` it holds (see module docs).
+    """A tensor that knows which elements of param ``param_name`` it holds (see module docs).
 
     ``role`` is ``"value"`` for the param itself (or a rearrangement of it), ``"rowsum"`` /
     ``"rowlse"`` for its sum / logsumexp over the last dim (kept only to recognize row
@@ -77,8 +76,6 @@ class Tracked(torch.Tensor):
         plain = tree_map(_plain, (args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*plain[0], **plain[1])
-        if func in _TRIVIAL:
-            return out
         return _propagate(func, args, kwargs, out)
 
 
@@ -89,7 +86,7 @@ def _plain(x):
     return x
 
 
-def _joined_ids(parts, out_like):
+def _joined_ids(parts):
     """ids for a tensor assembled from tracked and constant parts, or None if the tracked parts
     are not all plain rearrangements of one param. Constant elements get id -1."""
     tracked = [p for p in parts if isinstance(p, Tracked)]
@@ -104,14 +101,14 @@ def _joined_ids(parts, out_like):
 
 def _propagate(func, args, kwargs, out):
     if func in (torch.cat, torch.concat):
-        joined = _joined_ids(list(args[0]), out)
+        joined = _joined_ids(list(args[0]))
         if joined is None:
             return out
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return Tracked.wrap(out, joined[0], torch.cat(joined[1], dim))
     if func in (torch.where, torch.Tensor.where):
         cond, a, b = (args[0], args[1], args[2]) if func is torch.where else (args[1], args[0], args[2])
-        joined = _joined_ids([a, b], out)
+        joined = _joined_ids([a, b])
         if joined is None:
             return out
         return Tracked.wrap(out, joined[0], torch.where(_plain(cond), *joined[1]).expand(out.shape))
