@@ -130,10 +130,13 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
     for name, term in terms.items():
         site = trace.nodes[name]
         mask = site["packed"]["mask"]
-        if sum_dims.isdisjoint(term._pyro_dims):
+        mask_dims = mask._pyro_dims if isinstance(mask, torch.Tensor) else ""
+        if sum_dims.isdisjoint(term._pyro_dims + mask_dims):
             independent.append(packed.scale_and_mask(term, site["scale"], mask))
             continue
-        if "_enumerate_symbol" not in site["infer"]:
+        if "_enumerate_symbol" in site["infer"]:
+            term = _masked_gradient(term, mask)
+        else:
             # Masks apply inside the log expectation, the scale outside (as in TraceEnum_ELBO).
             term = packed.scale_and_mask(term, mask=mask)
         ordinal = frozenset(
@@ -155,10 +158,50 @@ def _total(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(operator.add, tensors)
 
 
-def _leaf(term: torch.Tensor) -> torch.Tensor:
-    leaf = term.detach().requires_grad_()
+def _masked_gradient(term: torch.Tensor, mask) -> torch.Tensor:
+    """An enumerated site's term as ``log Z`` sees it: unmasked in value (its factor sums to
+    one, as in TraceEnum_ELBO) but with gradient only where the mask is on, so that
+    ``d log Z / d term`` is the posterior weight of the site's data, zero where it is absent.
+    The result has the dims of ``term`` and ``mask`` together (see :func:`_leaf`)."""
+    if mask is None or mask is True:
+        return term
+    if mask is False:
+        return term.detach()
+    term, mask = packed.broadcast_all(term, mask)
+    result = torch.where(mask, term, term.detach())
+    result._pyro_dims = term._pyro_dims
+    return result
+
+
+def _leaf(term: torch.Tensor, site: dict) -> torch.Tensor:
+    """A leaf standing for ``term`` in :func:`log_marginal`, whose gradient is the site's
+    posterior weight. An enumerated site whose mask depends on other dims (another latent's
+    value, a plate the site does not vary along) gets a leaf over the dims of both, so that
+    its weight is the joint posterior restricted to the mask, not a product of marginals."""
+    mask = site["packed"]["mask"]
+    if "_enumerate_symbol" in site["infer"] and isinstance(mask, torch.Tensor):
+        term = packed.broadcast_all(term, mask)[0]
+    leaf = term.detach().clone() if term.stride() != term.contiguous().stride() else term.detach()
+    leaf.requires_grad_()
     leaf._pyro_dims = term._pyro_dims
     return leaf
+
+
+def align(tensor: torch.Tensor, dims: str) -> torch.Tensor:
+    """A packed ``tensor`` permuted and reshaped to broadcast against the packed dims ``dims``
+    (a superset of its own): packed dims are named by symbols, never by position.
+
+    :raises ValueError: if ``tensor`` has a dim that ``dims`` lacks.
+    """
+    own = tensor._pyro_dims
+    if own == dims:
+        return tensor
+    missing = set(own) - set(dims)
+    if missing:
+        raise ValueError(f"packed dims {sorted(missing)} are not among {dims!r}")
+    order = [own.index(d) for d in dims if d in own]
+    sizes = dict(zip(own, tensor.shape))
+    return tensor.permute(order).reshape(tuple(sizes.get(d, 1) for d in dims))
 
 
 def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int) -> EStep:
@@ -174,7 +217,7 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     """
     with torch.no_grad():  # the E-step needs no graph from the parameters to the terms
         trace = trace_model(model, args, kwargs, first_available_dim)
-    leaves = OrderedDict((name, _leaf(t)) for name, t in site_terms(trace).items())
+    leaves = OrderedDict((name, _leaf(t, trace.nodes[name])) for name, t in site_terms(trace).items())
     with torch.enable_grad():
         log_z, scale = log_marginal(trace, leaves)
         if not torch.isfinite(log_z):
@@ -187,11 +230,6 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     for (name, leaf), g in zip(leaves.items(), grads):
         w = torch.zeros_like(leaf) if g is None else g
         w._pyro_dims = leaf._pyro_dims
-        site = trace.nodes[name]
-        if "_enumerate_symbol" in site["infer"]:
-            # A masked-out enumerated site enters log Z unmasked (its factor sums to one, as in
-            # TraceEnum_ELBO) but is absent there: it must not count as data in Q.
-            w = packed.scale_and_mask(w, mask=site["packed"]["mask"])
         weights[name] = w
     return EStep(log_z.detach(), trace, weights, scale)
 
@@ -206,12 +244,16 @@ def expected_log_joint(estep: EStep, trace: Trace) -> torch.Tensor:
     parts = []
     for name, term in site_terms(trace).items():
         w = estep.weights[name]
-        if w.shape != term.shape:
+        try:
+            term = align(term, w._pyro_dims)
+            torch.broadcast_shapes(term.shape, w.shape)
+        except (ValueError, RuntimeError):
             raise RuntimeError(
-                f"Site '{name}' changed shape between the E-step ({tuple(w.shape)}) and the "
-                f"M-step ({tuple(term.shape)}); EM needs a model whose structure does not "
-                "depend on its parameter values."
-            )
+                f"Site '{name}' changed shape between the E-step (dims {w._pyro_dims!r}, shape "
+                f"{tuple(w.shape)}) and the M-step (dims {term._pyro_dims!r}, shape "
+                f"{tuple(term.shape)}); EM needs a model whose structure does not depend on its "
+                "parameter values."
+            ) from None
         positive = w > 0
         parts.append((w * torch.where(positive, term, term.new_zeros(()))).sum())
     return _total(parts)
