@@ -89,11 +89,13 @@ def check_fit_args(max_iter: int, tol: float) -> None:
 
 
 def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
-    """Check unconstrained parameter values before an M-step moves them."""
+    """Check unconstrained parameter values before an M-step moves them. ``-inf`` is allowed:
+    it is how a probability of exactly 0 (a structural zero, as in a left-right HMM's
+    transitions) is held in a simplex or logits param."""
     for name, p in params.items():
-        if not bool(torch.isfinite(p).all()):
+        if bool(torch.isnan(p).any() or (p == math.inf).any()):
             raise ValueError(
-                f"Param '{name}' has a non-finite unconstrained value: its value lies on the "
-                "boundary of its constraint (e.g. a probability of exactly 0 or 1 in a simplex "
-                "or unit_interval param) or is NaN. Initialize it strictly inside."
+                f"Param '{name}' has a NaN or +inf unconstrained value: its value is NaN or lies "
+                "on a boundary of its constraint that it cannot keep (e.g. a probability of "
+                "exactly 1 in a unit_interval param). Initialize it strictly inside."
             )

@@ -26,7 +26,8 @@ from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
 from .hmm import forward_backward
-from .rules import Rule, UseContext, find_rule
+from .map_sites import UnconstrainedDensity, unbounded_prior_message
+from .rules import Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import TrackParams, Tracked, compact, param_dependencies
 
 logger = logging.getLogger("pyro_em")
@@ -44,6 +45,7 @@ class Use:
     ids: torch.Tensor
     rule: Rule
     joint: bool = False
+    jacobian: bool = False  # a MAP prior in unconstrained coordinates (map_space)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def unwrap(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tens
             if weight is not None:
                 weight = weight * fn._mask
             fn = fn.base_dist
-        elif isinstance(fn, ExpandedDistribution):
+        elif isinstance(fn, (ExpandedDistribution, UnconstrainedDensity)):
             fn = fn.base_dist
         elif isinstance(fn, td.OneHotCategorical):
             value = value.argmax(-1)
@@ -169,12 +171,13 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                         t.param_name, f"no rule for {type(fn).__name__}.{arg} at site '{site_name}'"
                     )
                     continue
-                ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None)
+                jacobian = isinstance(site["fn"], UnconstrainedDensity)
+                ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None, jacobian=jacobian)
                 why = rule.check(ctx)
                 if why:
                     reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
                 else:
-                    uses[t.param_name].append(Use(site_name, part, arg, ids, rule))
+                    uses[t.param_name].append(Use(site_name, part, arg, ids, rule, jacobian=jacobian))
         # A param may also reach the log density along a path no argument shows.
         for p in param_dependencies(scored.nodes[site_name]["log_prob"], leaves) - direct:
             reasons.setdefault(p, f"enters site '{site_name}' through a computation")
@@ -263,16 +266,22 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
             ctx = UseContext(
                 fn, value, weight, use.ids, use.arg, old.numel(),
                 _current(plan.tracked_args.get((use.site, use.part), {}), fn, new), reg_covar, use.joint,
+                use.jacobian,
             )
             for key, s in use.rule.summarize(ctx).items():
                 stats[key] = stats[key] + s if key in stats else s
             if solver_ctx is None and type(use.rule).solve is not Rule.solve:
                 solver_ctx, solver = ctx, use.rule
-        new[name] = solver.solve(stats, old, solver_ctx).to(old.dtype)
+        try:
+            new[name] = solver.solve(stats, old, solver_ctx).to(old.dtype)
+        except UnboundedMAP:
+            prior = next(u for u in uses if u.arg == "value")
+            fn = cache[prior.site][prior.part][0]
+            raise ValueError(unbounded_prior_message(prior.site, type(fn).__name__, name)) from None
     with torch.no_grad():
         for name, value in new.items():
             unconstrained = transform_to(store._constraints[name]).inv(value)
-            if not bool(torch.isfinite(unconstrained).all()):
+            if bool(torch.isnan(unconstrained).any() or (unconstrained == float("inf")).any()):
                 raise ValueError(
                     f"The closed-form update of param '{name}' is not finite or leaves its "
                     "constraint; check the data and the model around it."

@@ -83,6 +83,14 @@ class EM:
     :param init_loc_fn: Pyro init strategy for MAP-estimated sites (default
         :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param map_prefix: prefix of the param names of MAP-estimated sites.
+    :param map_space: the MAP objective of those sites. ``"constrained"`` (the default):
+        their prior density, as with an ``AutoDelta`` guide, so the loss equals
+        ``TraceEnum_ELBO``'s; a Dirichlet, Beta or Gamma prior with a concentration below 1 can
+        make it unbounded, and EM then raises an error naming the site. ``"unconstrained"``:
+        the density of their unconstrained coordinates (prior times the Jacobian of
+        ``biject_to(support)``, the mode a Laplace approximation uses), bounded for any
+        positive concentration; conjugate priors still update in closed form, with one more
+        pseudo-count (see :mod:`pyro_em.map_sites`).
     :param reg_covar: non-negative number added to every variance and covariance diagonal by
         the closed-form updates (scikit-learn's ``reg_covar``; default 0, plain maximum
         likelihood).
@@ -112,6 +120,7 @@ class EM:
         max_plate_nesting: Optional[int] = None,
         init_loc_fn: Callable = init_to_median,
         map_prefix: str = "AutoDelta",
+        map_space: str = "constrained",
         reg_covar: float = 0.0,
     ):
         if m_step not in M_STEPS:
@@ -136,7 +145,7 @@ class EM:
         model, if the plan recognized one (see :mod:`pyro_em.chain`); else ``None``."""
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
-        self.fitted_model = MapMessenger(init_loc_fn, map_prefix)(model)
+        self.fitted_model = MapMessenger(init_loc_fn, map_prefix, map_space)(model)
         """``model`` with MAP-estimated sites fixed to their values in the param store: a
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
         self._gradient_m_step = GradientMStep(optim, num_steps)
@@ -311,7 +320,7 @@ def _m_step_transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
     try:
         yield
         for name, p in params.items():
-            if not bool(torch.isfinite(p).all()):
+            if bool(torch.isnan(p).any() or (p == float("inf")).any()):
                 raise RuntimeError(
                     f"The M-step produced non-finite values for param '{name}'; the param "
                     "store was restored to its values before this step."

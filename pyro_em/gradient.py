@@ -18,9 +18,11 @@ class GradientMStep:
 
     :param optim: ``None`` or a :class:`pyro.optim.PyroOptim`.
     :param num_steps: inner steps per M-step for a user optimizer; the iteration cap for L-BFGS.
+    :param newton_size: with L-BFGS, when the params being updated have at most this many
+        elements in all, Newton steps on the exact Hessian finish the M-step to round-off.
     """
 
-    def __init__(self, optim: Optional[PyroOptim] = None, num_steps: Optional[int] = None):
+    def __init__(self, optim: Optional[PyroOptim] = None, num_steps: Optional[int] = None, newton_size: int = 64):
         if optim is not None and not isinstance(optim, PyroOptim):
             raise TypeError(
                 f"optim must be None or a pyro.optim.PyroOptim such as pyro.optim.Adam({{'lr': "
@@ -30,6 +32,7 @@ class GradientMStep:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
         self.optim = optim
         self.num_steps = num_steps or (1 if optim is not None else 100)
+        self.newton_size = newton_size
 
     def __call__(self, q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor]) -> None:
         """Update ``params`` in place to increase ``q_fn()``.
@@ -77,6 +80,8 @@ class GradientMStep:
 
         with torch.enable_grad():
             optimizer.step(closure)
+            if sum(p.numel() for p in params) <= self.newton_size:
+                _newton_polish(q_fn, params, norm)
             q1 = q_fn()
         for p in params:
             p.grad = None
@@ -84,3 +89,52 @@ class GradientMStep:
             with torch.no_grad():
                 for p, p0 in zip(params, start):
                     p.copy_(p0)
+
+
+def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, max_steps: int = 8) -> None:
+    """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q`` (one backward
+    pass per parameter element), so that the M-step is solved to round-off, as an exact EM
+    step must be. A step is kept only if ``Q`` does not fall and the Hessian is negative
+    definite; otherwise L-BFGS's point stands."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return  # structural zeros (-inf) have no Newton step
+    eps = torch.finfo(params[0].dtype).eps
+    for _ in range(max_steps):
+        q = q_fn() / norm
+        if not bool(torch.isfinite(q)):
+            return
+        grads = torch.autograd.grad(q, params, create_graph=True)
+        g = torch.cat([x.reshape(-1) for x in grads])
+        if not g.requires_grad:
+            return
+        rows = [
+            torch.cat([
+                (h if h is not None else torch.zeros_like(p)).reshape(-1)
+                for h, p in zip(torch.autograd.grad(gi, params, retain_graph=True, allow_unused=True), params)
+            ])
+            for gi in g
+        ]
+        # -H is positive semi-definite at a maximum; its null space (a softmax's shift
+        # invariance) is orthogonal to the gradient, so the pseudo-inverse gives the step.
+        evals, evecs = torch.linalg.eigh(-torch.stack(rows).detach())
+        top = float(evals.abs().max())
+        if top == 0 or float(evals.min()) < -1e-8 * top:
+            return
+        keep = evals > eps**0.5 * top
+        step = evecs[:, keep] @ ((evecs[:, keep].T @ g.detach()) / evals[keep])
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.add_(step[offset : offset + p.numel()].reshape(p.shape))
+                offset += p.numel()
+            q_new = q_fn() / norm
+        q = q.detach()
+        if not bool(q_new >= q - 4 * eps * max(1.0, abs(float(q)))):
+            with torch.no_grad():
+                for p, p0 in zip(params, saved):
+                    p.copy_(p0)
+            return
+        scale = max(1.0, max(float(p.detach().abs().max()) for p in params))
+        if float(step.abs().max()) <= 4 * eps * scale:
+            return

@@ -81,3 +81,36 @@ def _hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> Optional[torch.Tensor
 
 _KERNELS[td.MultivariateNormal] = _mvn_log_prob
 _KERNELS[DiscreteHMM] = _hmm_log_prob
+
+
+# Categorical and Bernoulli given by probs: torch derives logits through ``clamp_probs``, so a
+# probability of exactly 0 scores log(eps), not -inf, and a structural zero would leak into the
+# posterior. These kernels take logs of the probs themselves. (Only without autograd: the
+# gradient of log at 0 is infinite, and the E-step needs none.)
+
+
+def _given_probs(fn: td.Distribution) -> bool:
+    return "probs" in fn.__dict__ and not torch.is_grad_enabled()
+
+
+def _categorical_log_prob(fn: td.Categorical, value: torch.Tensor) -> Optional[torch.Tensor]:
+    if not _given_probs(fn):
+        return None
+    if fn._validate_args:
+        fn._validate_sample(value)
+    value = value.long().unsqueeze(-1)
+    value, log_pmf = torch.broadcast_tensors(value, fn.probs.log())
+    return log_pmf.gather(-1, value[..., :1]).squeeze(-1)
+
+
+def _bernoulli_log_prob(fn: td.Bernoulli, value: torch.Tensor) -> Optional[torch.Tensor]:
+    if not _given_probs(fn):
+        return None
+    if fn._validate_args:
+        fn._validate_sample(value)
+    probs, value = torch.broadcast_tensors(fn.probs, value.to(fn.probs.dtype))
+    return torch.xlogy(value, probs) + torch.xlogy(1 - value, 1 - probs)
+
+
+_KERNELS[td.Categorical] = _categorical_log_prob
+_KERNELS[td.Bernoulli] = _bernoulli_log_prob

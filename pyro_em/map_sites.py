@@ -1,13 +1,56 @@
-"""Point (MAP) estimates of continuous latent sites, the way :class:`~pyro.infer.autoguide.AutoDelta` does."""
+"""Point (MAP) estimates of continuous latent sites, the way :class:`~pyro.infer.autoguide.AutoDelta` does.
+
+Two MAP objectives are offered (``map_space``):
+
+* ``"constrained"`` (the default, as :class:`~pyro.infer.autoguide.AutoDelta`): maximize the
+  prior density of the value itself, ``log p(theta)``. A Dirichlet, Beta or Gamma prior with a
+  concentration below one has infinite density on the boundary, so there the objective may have
+  no maximum: EM then stops with an error naming the site (see :func:`unbounded_prior_message`).
+* ``"unconstrained"``: maximize the density of the value's unconstrained coordinates
+  ``u = biject_to(support).inv(theta)``, that is ``log p(theta) + log |d theta / d u|`` (the mode
+  a Laplace approximation uses). The log-Jacobian adds one pseudo-count to every Dirichlet
+  component (stick-breaking's Jacobian is ``prod theta_k``), to both Beta counts (sigmoid:
+  ``theta (1 - theta)``) and to a Gamma shape (exp: ``theta``), so the mode is bounded for any
+  positive concentration and keeps a closed form: ``(counts + alpha) / sum``.
+"""
 
 from typing import Callable
 
 import pyro
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
 
 from ._validation import MAP_FLAG
+
+MAP_SPACES = ("constrained", "unconstrained")
+
+
+class UnconstrainedDensity(TorchDistribution):
+    """A prior seen in unconstrained coordinates: ``log_prob(x) = base.log_prob(x) +
+    log |J(x)|``, the log-Jacobian of ``biject_to(base.support)`` at ``x``."""
+
+    arg_constraints = {}
+
+    def __init__(self, base_dist):
+        self.base_dist = base_dist
+        self._transform = biject_to(base_dist.support)
+        super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base_dist.sample(sample_shape)
+
+    def log_prob(self, value):
+        u = self._transform.inv(value)
+        log_j = self._transform.log_abs_det_jacobian(u, value)
+        return self.base_dist.log_prob(value) + log_j
 
 
 class MapMessenger(Messenger):
@@ -24,12 +67,18 @@ class MapMessenger(Messenger):
         :func:`~pyro.infer.autoguide.initialization.init_to_median` (the default) or
         :func:`~pyro.infer.autoguide.initialization.init_to_value`.
     :param prefix: prefix of the param names.
+    :param map_space: ``"constrained"`` (the prior density of the value, as AutoDelta) or
+        ``"unconstrained"`` (the density of its unconstrained coordinates; see the module
+        docs).
     """
 
-    def __init__(self, init_loc_fn: Callable = init_to_median, prefix: str = "AutoDelta"):
+    def __init__(self, init_loc_fn: Callable = init_to_median, prefix: str = "AutoDelta", map_space: str = "constrained"):
         super().__init__()
+        if map_space not in MAP_SPACES:
+            raise ValueError(f"map_space must be one of {MAP_SPACES}, got {map_space!r}.")
         self.init_loc_fn = init_loc_fn
         self.prefix = prefix
+        self.map_space = map_space
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
@@ -41,6 +90,19 @@ class MapMessenger(Messenger):
             constraint=fn.support,
             event_dim=fn.event_dim,
         )
+        if self.map_space == "unconstrained":
+            msg["fn"] = UnconstrainedDensity(fn)
         msg["value"] = value
         msg["is_observed"] = True
         msg["infer"][MAP_FLAG] = True
+
+
+def unbounded_prior_message(site: str, prior: str, param: str) -> str:
+    """The error for a MAP objective without a maximum at ``site``."""
+    return (
+        f"The MAP objective of site '{site}' (param '{param}') has no maximum: its {prior} prior "
+        "has a concentration below 1, whose density is infinite on the boundary, and the "
+        "expected counts there are too small to outweigh it. Use EM(model, "
+        "map_space='unconstrained') (the posterior mode in unconstrained coordinates, always "
+        "bounded), raise the prior's concentration to at least 1, or mask the prior out."
+    )

@@ -10,6 +10,7 @@ statistics of all uses of a param into its new value. Uses of one param must sha
 Register a rule for your own distribution with :func:`register_m_step`.
 """
 
+import functools
 import math
 import string
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class UseContext:
     :ivar reg_covar: non-negative number added to variances and covariance diagonals.
     :ivar joint: whether the rule's ``partner`` argument is updated in closed form right after
         this param, over the same slots (so a joint, profile-likelihood update is exact).
+    :ivar jacobian: for a conjugate prior's use, whether the MAP objective is taken in
+        unconstrained coordinates (see :meth:`pseudo`).
     """
 
     fn: td.Distribution
@@ -48,11 +51,23 @@ class UseContext:
     current: Callable[[str], torch.Tensor]
     reg_covar: float = 0.0
     joint: bool = False
+    jacobian: bool = False
+
+    def pseudo(self, concentration: torch.Tensor) -> torch.Tensor:
+        """A conjugate prior's pseudo-counts: ``concentration - 1`` at the mode of the value's
+        density, ``concentration`` at the mode of its unconstrained coordinates' density
+        (``map_space="unconstrained"``, whose log-Jacobian adds one count)."""
+        return concentration if self.jacobian else concentration - 1
 
     def pool(self, *factors: torch.Tensor) -> torch.Tensor:
         """Sum the product of ``factors`` (each broadcastable to the argument's elements) into
         the param's flat slots. The product is contracted by one ``einsum``, so weighted sums
         over the data are matrix products, never materialized element-wise."""
+        # Data may be integer counts or of another float precision than the weights: the
+        # statistics take the widest floating type among the factors.
+        floats = [f.dtype for f in factors if f.is_floating_point()]
+        dtype = functools.reduce(torch.promote_types, floats) if floats else torch.get_default_dtype()
+        factors = [f.to(dtype) for f in factors]
         full = torch.broadcast_shapes(*(f.shape for f in factors), self.ids.shape)
         n = len(full)
 
@@ -159,6 +174,17 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
+class UnboundedMAP(ValueError):
+    """Raised by :meth:`Rule.solve` when a conjugate prior's pseudo-counts are negative and
+    outweigh the data: the MAP objective grows without bound towards the boundary."""
+
+
+def check_bounded(*counts: torch.Tensor) -> None:
+    """Raise :class:`UnboundedMAP` if any count (data plus prior pseudo-counts) is negative."""
+    if any(bool((c < 0).any()) for c in counts):
+        raise UnboundedMAP()
+
+
 # ---------------------------------------------------------------------------------------------
 # Categorical and OneHotCategorical (unwrapped to Categorical): expected counts.
 
@@ -175,11 +201,10 @@ class CategoricalRule(Rule):
 
     def solve(self, stats, old, ctx):
         counts = _slots(stats["counts"], old)
+        check_bounded(counts)
         total = counts.sum(-1, keepdim=True)
-        # A probability of exactly 0 has no unconstrained value; the smallest normal float
-        # stands in for it.
-        probs = _ratio(counts, total).clamp_min(torch.finfo(counts.dtype).tiny)
-        probs = probs / probs.sum(-1, keepdim=True)
+        # A probability with no expected count is exactly 0 (a structural zero stays one).
+        probs = _ratio(counts, total)
         return keep_old(old, probs if ctx.arg == "probs" else probs.log(), total.squeeze(-1))
 
 
@@ -187,13 +212,8 @@ class CategoricalRule(Rule):
 class DirichletPrior(Rule):
     kind = "categorical"
 
-    def check(self, ctx):
-        if bool((ctx.fn.concentration < 1).any()):
-            return "its Dirichlet prior has concentration < 1, whose mode is on the boundary"
-        return None
-
     def summarize(self, ctx):
-        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), ctx.fn.concentration - 1)}
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), ctx.pseudo(ctx.fn.concentration))}
 
 
 # DiscreteHMM's own arguments: expected counts of the state before the first step and of each
@@ -221,6 +241,7 @@ class _SuccessRule(Rule):
 
     def solve(self, stats, old, ctx):
         s1, n = _slots(stats["successes"], old), _slots(stats["trials"], old)
+        check_bounded(s1, n - s1)
         eps = torch.finfo(old.dtype).eps
         p = _ratio(s1, n).clamp(eps, 1 - eps)
         return keep_old(old, p if ctx.arg == "probs" else p.log() - (-p).log1p(), n)
@@ -247,14 +268,9 @@ class BinomialRule(_SuccessRule):
 class BetaPrior(Rule):
     kind = "bernoulli"
 
-    def check(self, ctx):
-        if bool((ctx.fn.concentration1 < 1).any() or (ctx.fn.concentration0 < 1).any()):
-            return "its Beta prior has a concentration < 1, whose mode is on the boundary"
-        return None
-
     def summarize(self, ctx):
-        a, b = ctx.fn.concentration1, ctx.fn.concentration0
-        return {"successes": ctx.pool(ctx.weight, a - 1), "trials": ctx.pool(ctx.weight, a + b - 2)}
+        a, b = ctx.pseudo(ctx.fn.concentration1), ctx.pseudo(ctx.fn.concentration0)
+        return {"successes": ctx.pool(ctx.weight, a), "trials": ctx.pool(ctx.weight, a + b)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +283,7 @@ class _RateRule(Rule):
 
     def solve(self, stats, old, ctx):
         events, exposure = _slots(stats["events"], old), _slots(stats["exposure"], old)
+        check_bounded(events)
         rate = _ratio(events, exposure).clamp_min(torch.finfo(old.dtype).tiny)
         return keep_old(old, rate, exposure)
 
@@ -287,14 +304,9 @@ class ExponentialRule(_RateRule):
 class GammaPrior(Rule):
     kind = "rate"
 
-    def check(self, ctx):
-        if bool((ctx.fn.concentration < 1).any()):
-            return "its Gamma prior has concentration < 1, whose mode is at zero"
-        return None
-
     def summarize(self, ctx):
         return {
-            "events": ctx.pool(ctx.weight, ctx.fn.concentration - 1),
+            "events": ctx.pool(ctx.weight, ctx.pseudo(ctx.fn.concentration)),
             "exposure": ctx.pool(ctx.weight, ctx.fn.rate),
         }
 

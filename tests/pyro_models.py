@@ -1,0 +1,251 @@
+"""Models written the way Pyro's examples and tutorials write them, idioms kept as they are
+there: ``include_prior`` masks, sequence-length masks, ``pyro.markov``, ``Vindex``, priors with
+concentration below one, MAP sites, local continuous latents. Each has a small synthetic data
+maker. Sources: Pyro's examples/hmm.py (models 0-4 and 6), examples/capture_recapture/cjs.py
+(models 1 and 2), examples/lda.py, the GMM and enumeration tutorials, tests/infer/test_enum.py
+(a mixture whose observations are masked by the enumerated component)."""
+
+from types import SimpleNamespace
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import config_enumerate
+from pyro.ops.indexing import Vindex
+from torch.distributions import constraints
+
+
+def polyphonic(num_sequences=6, max_length=7, data_dim=3, hidden_dim=4, seed=0):
+    """Binary 'piano rolls' of several lengths, as examples/hmm.py's data after loading."""
+    g = torch.Generator().manual_seed(seed)
+    sequences = torch.bernoulli(torch.full((num_sequences, max_length, data_dim), 0.4), generator=g)
+    lengths = torch.randint(max_length // 2, max_length + 1, (num_sequences,), generator=g)
+    lengths[0] = max_length
+    for i, n in enumerate(lengths):
+        sequences[i, n:] = 0
+    return sequences, lengths, SimpleNamespace(hidden_dim=hidden_dim, jit=False)
+
+
+# ---- examples/hmm.py ------------------------------------------------------------------------
+
+
+def hmm_0(sequences, lengths, args, batch_size=None, include_prior=True):
+    """Sequences looped over in Python; one tones plate."""
+    num_sequences, max_length, data_dim = sequences.shape
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([args.hidden_dim, data_dim]).to_event(2))
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    for i in pyro.plate("sequences", len(sequences), batch_size):
+        length = lengths[i]
+        sequence = sequences[i, :length]
+        x = 0
+        for t in pyro.markov(range(length)):
+            x = pyro.sample(f"x_{i}_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"})
+            with tones_plate:
+                pyro.sample(f"y_{i}_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequence[t])
+
+
+def hmm_1(sequences, lengths, args, batch_size=None, include_prior=True):
+    """Vectorized over sequences, lengths by masks."""
+    num_sequences, max_length, data_dim = map(int, sequences.shape)
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([args.hidden_dim, data_dim]).to_event(2))
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        x = 0
+        for t in pyro.markov(range(max_length if args.jit else lengths.max())):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"})
+                with tones_plate:
+                    pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[batch, t])
+
+
+def hmm_2(sequences, lengths, args, batch_size=None, include_prior=True):
+    """Autoregressive emissions: y[t] depends on y[t-1]."""
+    num_sequences, max_length, data_dim = map(int, sequences.shape)
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([args.hidden_dim, 2, data_dim]).to_event(3))
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        x, y = 0, 0
+        for t in pyro.markov(range(max_length if args.jit else lengths.max())):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"})
+                with tones_plate as tones:
+                    y = pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[x, y, tones]), obs=sequences[batch, t]).long()
+
+
+def hmm_3(sequences, lengths, args, batch_size=None, include_prior=True):
+    """Factorial HMM: two independent chains w and x share each emission."""
+    num_sequences, max_length, data_dim = map(int, sequences.shape)
+    hidden_dim = int(args.hidden_dim**0.5)
+    with poutine.mask(mask=include_prior):
+        probs_w = pyro.sample("probs_w", dist.Dirichlet(0.9 * torch.eye(hidden_dim) + 0.1).to_event(1))
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(hidden_dim) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([hidden_dim, hidden_dim, data_dim]).to_event(3))
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        w, x = 0, 0
+        for t in pyro.markov(range(max_length if args.jit else lengths.max())):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(f"w_{t}", dist.Categorical(probs_w[w]), infer={"enumerate": "parallel"})
+                x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"})
+                with tones_plate as tones:
+                    pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[w, x, tones]), obs=sequences[batch, t])
+
+
+def hmm_4(sequences, lengths, args, batch_size=None, include_prior=True):
+    """Partially factorial HMM: x[t] depends on w[t] too, through Vindex."""
+    num_sequences, max_length, data_dim = map(int, sequences.shape)
+    hidden_dim = int(args.hidden_dim**0.5)
+    with poutine.mask(mask=include_prior):
+        probs_w = pyro.sample("probs_w", dist.Dirichlet(0.9 * torch.eye(hidden_dim) + 0.1).to_event(1))
+        probs_x = pyro.sample(
+            "probs_x", dist.Dirichlet(0.9 * torch.eye(hidden_dim) + 0.1).expand_by([hidden_dim]).to_event(2)
+        )
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([hidden_dim, hidden_dim, data_dim]).to_event(3))
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        w = x = torch.tensor(0, dtype=torch.long)
+        for t in pyro.markov(range(max_length if args.jit else lengths.max())):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(f"w_{t}", dist.Categorical(probs_w[w]), infer={"enumerate": "parallel"})
+                x = pyro.sample(f"x_{t}", dist.Categorical(Vindex(probs_x)[w, x]), infer={"enumerate": "parallel"})
+                with tones_plate as tones:
+                    pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[w, x, tones]), obs=sequences[batch, t])
+
+
+def hmm_6(sequences, lengths, args, batch_size=None, include_prior=False):
+    """Second-order HMM with params (no priors), pyro.markov(history=2)."""
+    num_sequences, max_length, data_dim = sequences.shape
+    hidden_dim = args.hidden_dim
+    g = torch.Generator().manual_seed(1)
+    probs_x = pyro.param("probs_x", torch.rand(hidden_dim, hidden_dim, hidden_dim, generator=g), constraint=constraints.simplex)
+    probs_y = pyro.param("probs_y", torch.rand(hidden_dim, data_dim, generator=g), constraint=constraints.unit_interval)
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        x_curr, x_prev = torch.tensor(0), torch.tensor(0)
+        for t in pyro.markov(range(lengths.max()), history=2):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                probs_x_t = Vindex(probs_x)[x_prev, x_curr]
+                x_prev, x_curr = x_curr, pyro.sample(f"x_{t}", dist.Categorical(probs_x_t), infer={"enumerate": "parallel"})
+                with tones_plate:
+                    pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[x_curr.squeeze(-1)]), obs=sequences[batch, t])
+
+
+# ---- examples/capture_recapture/cjs.py ------------------------------------------------------
+
+
+def capture_history(N=12, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.bernoulli(torch.full((N, T), 0.5), generator=g)
+    history[torch.arange(N), torch.randint(0, T, (N,), generator=g)] = 1.0  # each seen once
+    return history, None
+
+
+def cjs_1(capture_history, sex):
+    N, T = capture_history.shape
+    phi = pyro.sample("phi", dist.Uniform(0.0, 1.0))  # survival
+    rho = pyro.sample("rho", dist.Uniform(0.0, 1.0))  # recapture
+    with pyro.plate("animals", N, dim=-1):
+        z = torch.ones(N)
+        first_capture_mask = torch.zeros(N).bool()
+        for t in pyro.markov(range(T)):
+            with poutine.mask(mask=first_capture_mask):
+                mu_z_t = first_capture_mask.float() * phi * z + (1 - first_capture_mask.float())
+                z = pyro.sample(f"z_{t}", dist.Bernoulli(mu_z_t), infer={"enumerate": "parallel"})
+                mu_y_t = rho * z
+                pyro.sample(f"y_{t}", dist.Bernoulli(mu_y_t), obs=capture_history[:, t])
+            first_capture_mask |= capture_history[:, t].bool()
+
+
+def cjs_2(capture_history, sex):
+    N, T = capture_history.shape
+    rho = pyro.sample("rho", dist.Uniform(0.0, 1.0))
+    z = torch.ones(N)
+    first_capture_mask = torch.zeros(N).bool()
+    animals_plate = pyro.plate("animals", N, dim=-1)
+    for t in pyro.markov(range(T)):
+        phi_t = pyro.sample(f"phi_{t}", dist.Uniform(0.0, 1.0)) if t > 0 else 1.0
+        with animals_plate, poutine.mask(mask=first_capture_mask):
+            mu_z_t = first_capture_mask.float() * phi_t * z + (1 - first_capture_mask.float())
+            z = pyro.sample(f"z_{t}", dist.Bernoulli(mu_z_t), infer={"enumerate": "parallel"})
+            mu_y_t = rho * z
+            pyro.sample(f"y_{t}", dist.Bernoulli(mu_y_t), obs=capture_history[:, t])
+        first_capture_mask |= capture_history[:, t].bool()
+
+
+# ---- tutorials --------------------------------------------------------------------------------
+
+GMM_DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+
+@config_enumerate
+def gmm_tutorial(data, K=2):
+    """The GMM tutorial: Dirichlet(0.5) weights, LogNormal scale, Normal locs."""
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(K)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", K):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def enumeration_hmm(data, data_dim, hidden_dim=3):
+    """The enumeration tutorial's HMM: Jeffreys Dirichlet(0.5) priors, one sequence."""
+    with pyro.plate("hidden_state", hidden_dim):
+        transition = pyro.sample("transition", dist.Dirichlet(0.5 * torch.ones(hidden_dim)))
+        emission = pyro.sample("emission", dist.Dirichlet(0.5 * torch.ones(data_dim)))
+    x = 0
+    for t, y in pyro.markov(enumerate(data)):
+        x = pyro.sample(f"x_{t}", dist.Categorical(transition[x]), infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Categorical(emission[x]), obs=y)
+
+
+def lda(data=None, args=None, batch_size=None):
+    """examples/lda.py's model (a fixed vocabulary); doc_topics are local MAP sites here."""
+    with pyro.plate("topics", args.num_topics):
+        topic_weights = pyro.sample("topic_weights", dist.Gamma(1.0 / args.num_topics, 1.0))
+        topic_words = pyro.sample("topic_words", dist.Dirichlet(torch.ones(args.num_words) / args.num_words))
+    with pyro.plate("documents", args.num_docs) as ind:
+        data = data[:, ind]
+        doc_topics = pyro.sample("doc_topics", dist.Dirichlet(topic_weights))
+        with pyro.plate("words", args.num_words_per_doc):
+            word_topics = pyro.sample("word_topics", dist.Categorical(doc_topics), infer={"enumerate": "parallel"})
+            pyro.sample("doc_words", dist.Categorical(topic_words[word_topics]), obs=data)
+
+
+def lda_data(seed=0):
+    args = SimpleNamespace(num_topics=2, num_words=6, num_docs=5, num_words_per_doc=8)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, args.num_words, (args.num_words_per_doc, args.num_docs), generator=g)
+    return data, args
+
+
+def masked_mixture(data, K=3):
+    """tests/infer/test_enum.py's hand-written mixture: each component's observation site is
+    masked by whether the enumerated component equals it."""
+    D = data.shape[-1]
+    g = torch.Generator().manual_seed(2)
+    mixture_probs = pyro.param("mixture_probs", torch.ones(K) / K, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.randn(K, D, generator=g))
+    scales = pyro.param("scales", torch.ones(K, D), constraint=constraints.positive)
+    with pyro.plate("data", len(data)):
+        which = pyro.sample("which", dist.Categorical(mixture_probs), infer={"enumerate": "parallel"})
+        for component_ind in range(K):
+            with poutine.mask(mask=(which == component_ind)):
+                pyro.sample(
+                    f"obs_{component_ind}",
+                    dist.Normal(locs[component_ind], scales[component_ind]).to_event(1),
+                    obs=data,
+                )
