@@ -22,7 +22,7 @@ from pyro.poutine.trace_struct import Trace
 
 from ._validation import MAP_FLAG
 from .closed_form import MStepPlan, Use, distribution_args, unwrap
-from .estep import enum_symbols
+from .estep import enum_symbols, packed_scale
 from .rules import find_rule
 from .tracking import compact
 
@@ -100,7 +100,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
     stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
     if len(stacks) != 1 or len(next(iter(stacks))) > 1:
         return None
-    if any(s["infer"].get(MAP_FLAG) or float(s["scale"]) != 1.0 for _, s in sites):
+    if any(s["infer"].get(MAP_FLAG) or packed_scale(s) != 1.0 for _, s in sites):
         return None
 
     states: List[str] = []

@@ -8,6 +8,7 @@ solved and written into Pyro's param store.
 """
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -63,11 +64,32 @@ class MStepPlan:
     def __str__(self) -> str:
         lines = []
         for name, uses in self.closed_form.items():
-            where = ", ".join(f"{type(u.rule).__name__} at '{u.site}'" for u in uses)
+            where = ", ".join(_grouped_sites([(type(u.rule).__name__, u.site) for u in uses]))
             lines.append(f"{name}: closed form ({where})")
         for name, why in self.gradient.items():
             lines.append(f"{name}: gradient ({why})")
         return "\n".join(lines)
+
+
+def _grouped_sites(pairs: List[Tuple[str, str]]) -> List[str]:
+    """``"Rule at 'site'"`` phrases, with sites that differ only in their numbers (the steps
+    of a ``pyro.markov`` chain) grouped into one: ``"Rule at 'x_{t}' for t in 0..199"``."""
+    groups: Dict[Tuple[str, str], List[List[int]]] = {}
+    for rule, site in pairs:
+        template = re.sub(r"\d+", "{}", site)
+        groups.setdefault((rule, template), []).append([int(n) for n in re.findall(r"\d+", site)])
+    phrases = []
+    for (rule, template), numbers in groups.items():
+        if len(numbers) == 1:
+            phrases.append(f"{rule} at '{template.format(*numbers[0])}'")
+            continue
+        names = ["t"] if len(numbers[0]) == 1 else [f"i{k}" for k in range(len(numbers[0]))]
+        ranges = " and ".join(
+            f"{n} in {min(col)}..{max(col)}" for n, col in zip(names, zip(*numbers)) if min(col) != max(col)
+        )
+        shown = template.format(*(f"{{{n}}}" if min(col) != max(col) else col[0] for n, col in zip(names, zip(*numbers))))
+        phrases.append(f"{rule} at '{shown}' for {ranges} ({len(numbers)} sites)")
+    return phrases
 
 
 def unwrap(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.Tensor]):

@@ -42,13 +42,14 @@ class EStep:
         enumerated values the term depends on, times the site's scale and mask: the weight of
         each term in the expected complete-data log likelihood ``Q``. (An enumerated site
         enters ``log Z`` unmasked, as in ``TraceEnum_ELBO``; its weight is masked all the same.)
-    :ivar float scale: the common :func:`~pyro.poutine.scale` of the enumerated factors.
+    :ivar scale: the common :func:`~pyro.poutine.scale` of the enumerated factors: a number,
+        or a packed tensor of per-datum weights.
     """
 
     log_z: torch.Tensor
     trace: Trace
     weights: Dict[str, torch.Tensor]
-    scale: float
+    scale: Any
 
 
 def enum_model(model: Callable, first_available_dim: int) -> Callable:
@@ -100,20 +101,41 @@ def enum_symbols(trace: Trace) -> set:
     }
 
 
-def _common_scale(trace: Trace, names) -> float:
+def packed_scale(site: dict):
+    """A site's :func:`~pyro.poutine.scale` as a number, or as a packed tensor over its plates
+    (per-datum weights)."""
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor) and scale.dim():
+        return packed.pack(scale, site["infer"]["_dim_to_symbol"])
+    return float(scale)
+
+
+def _common_scale(trace: Trace, names):
     scales = {}
     for name in names:
-        scale = trace.nodes[name]["scale"]
-        if isinstance(scale, torch.Tensor) and scale.dim():
-            raise ValueError(f"Site '{name}' has a non-scalar poutine.scale; EM supports scalars.")
-        scales.setdefault(float(scale), name)
+        scale = packed_scale(trace.nodes[name])
+        key = scale if isinstance(scale, float) else (scale._pyro_dims, tuple(scale.shape), scale.cpu().numpy().tobytes())
+        scales.setdefault(key, (name, scale))
     if len(scales) > 1:
         raise ValueError(
             "Sites that depend on enumerated latents must share one poutine.scale, but "
-            + ", ".join(f"'{n}' has {s:g}" for s, n in scales.items())
+            + ", ".join(f"'{n}' has {f'{s:g}' if isinstance(s, float) else 'a tensor'}" for n, s in scales.values())
             + "."
         )
-    return next(iter(scales), 1.0)
+    return next(iter(scales.values()), (None, 1.0))[1]
+
+
+def _scaled(term: torch.Tensor, scale, what: str) -> torch.Tensor:
+    """``scale * term`` for a packed ``term`` and a number or packed tensor ``scale``."""
+    if isinstance(scale, float):
+        return term * scale
+    if not set(scale._pyro_dims) <= set(term._pyro_dims):
+        raise ValueError(
+            f"A per-datum poutine.scale at {what} needs every enumerated latent those sites "
+            "depend on to lie inside the scale's plates: a datum's weight applies to its own "
+            "log marginal likelihood. Move the latent inside the plate, or use a scalar scale."
+        )
+    return term * align(scale, term._pyro_dims)
 
 
 def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, float]:
@@ -132,7 +154,8 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
         mask = site["packed"]["mask"]
         mask_dims = mask._pyro_dims if isinstance(mask, torch.Tensor) else ""
         if sum_dims.isdisjoint(term._pyro_dims + mask_dims):
-            independent.append(packed.scale_and_mask(term, site["scale"], mask))
+            term = packed.scale_and_mask(term, mask=mask)
+            independent.append(_scaled(term, packed_scale(site), f"site '{name}'"))
             continue
         if "_enumerate_symbol" in site["infer"]:
             term = _masked_gradient(term, mask)
@@ -145,11 +168,13 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
         tree.setdefault(ordinal, []).append((name, term))
 
     sums = [t.sum() for t in independent]
-    scale = _common_scale(trace, [n for ts in tree.values() for n, _ in ts])
+    names = [n for ts in tree.values() for n, _ in ts]
+    scale = _common_scale(trace, names)
     if tree:
         tree = OrderedDict((o, [t for _, t in ts]) for o, ts in tree.items())
         contracted = contract_tensor_tree(tree, sum_dims)
-        sums.append(scale * _total(t.sum() for ts in contracted.values() for t in ts))
+        what = "sites " + ", ".join(f"'{n}'" for n in names)
+        sums.append(_total(_scaled(t, scale, what).sum() for ts in contracted.values() for t in ts))
     return _total(sums), scale
 
 

@@ -7,7 +7,7 @@ from pyro.distributions import DiscreteHMM
 from pyro.ops import packed
 
 from .closed_form import unwrap
-from .estep import EStep, enum_symbols
+from .estep import EStep, align, enum_symbols
 from .hmm import forward_backward
 
 
@@ -37,8 +37,9 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
         own = site["infer"]["_enumerate_symbol"]
         w = estep.weights[name]
         other = [i for i, d in enumerate(w._pyro_dims) if d in sum_dims and d != own]
-        probs = w.sum(other) / estep.scale if other else w / estep.scale
+        probs = w.sum(other) if other else w
         probs._pyro_dims = "".join(d for i, d in enumerate(w._pyro_dims) if i not in other)
+        probs = _unscaled(probs, estep.scale)
         probs = packed.unpack(probs, trace.symbol_to_dim)
         # Restore size-1 dims that packing dropped, then move the site's enumeration dim to
         # the right of the plate dims.
@@ -49,3 +50,14 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
         probs = probs.reshape(probs.shape[-(max_plate_nesting + 1) :])
         marginals[name] = probs.reshape(probs.shape[max_plate_nesting - num_plates :])
     return marginals
+
+
+def _unscaled(probs: torch.Tensor, scale) -> torch.Tensor:
+    """Divide a site's weights by the scale they carry (per-datum weights included)."""
+    if isinstance(scale, float):
+        result = probs / scale
+    else:
+        scale = align(scale, probs._pyro_dims)
+        result = torch.where(scale > 0, probs / scale, probs.new_zeros(()))
+    result._pyro_dims = probs._pyro_dims
+    return result

@@ -113,3 +113,90 @@ def test_left_right_hmm_zeros_stay_exactly_zero(path, param_space, dtype, monkey
             assert bool((ours[init[name] == 0] == 0).all()), name
             atol = 1e-8 if dtype == torch.float64 else 1e-5
             np.testing.assert_allclose(ours.double().numpy(), expected[it][name], atol=atol, rtol=0, err_msg=name)
+
+
+def weighted_mixture(data, weight=None):
+    probs = pyro.param("probs", torch.ones(2) / 2, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", len(data)), poutine.scale(scale=1.0 if weight is None else weight):
+        z = pyro.sample("z", dist.Categorical(probs), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(locs[z], s * s), obs=data)  # s takes the gradient M-step
+
+
+@pytest.mark.parametrize("m_step", ["auto", "gradient"])
+def test_per_datum_weights_equal_repeated_rows(m_step):
+    """poutine.scale with a tensor over the data plate (pomegranate's sample_weight)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(6, generator=g) - 2, torch.randn(5, generator=g) + 2])
+    weight = torch.tensor([1, 2, 3, 1, 1, 2, 1, 4, 1, 2, 1])
+    runs = []
+    for args in ((data, weight.double()), (data.repeat_interleave(weight),)):
+        pyro.clear_param_store()
+        em = EM(weighted_mixture, m_step=m_step)
+        losses = [em.step(*args) for _ in range(4)]
+        runs.append((losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-12)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(v, runs[1][1][k], atol=1e-10, rtol=0)
+    torch.testing.assert_close(em.posterior(data, weight.double())["z"].sum(-1), torch.ones(len(data)))
+
+
+def test_per_datum_weight_with_a_global_latent_is_an_error():
+    def model(data, weight):
+        z = pyro.sample("z", dist.Bernoulli(pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)))
+        with pyro.plate("data", len(data)), poutine.scale(scale=weight):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    with pytest.raises(ValueError, match="must share one poutine.scale, but .z. has 1, .x. has a tensor"):
+        EM(config_enumerate(model)).step(torch.zeros(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("family", ["poisson", "binomial"])
+def test_integer_counts_give_the_float_result(family):
+    g = torch.Generator().manual_seed(0)
+    counts = torch.cat([torch.poisson(torch.full((20,), 2.0), generator=g), torch.poisson(torch.full((20,), 9.0), generator=g)])
+    counts = counts.clamp(max=12)
+
+    @config_enumerate
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            if family == "poisson":
+                rate = pyro.param("rate", torch.tensor([1.0, 5.0]), constraint=constraints.positive)
+                pyro.sample("x", dist.Poisson(rate[z]), obs=x)
+            else:
+                p = pyro.param("p", torch.tensor([0.3, 0.6]), constraint=constraints.unit_interval)
+                pyro.sample("x", dist.Binomial(torch.tensor(12), p[z]), obs=x)
+
+    results = []
+    for x in (counts, counts.long()):
+        pyro.clear_param_store()
+        em = EM(model, m_step="closed_form")
+        losses = [em.step(x) for _ in range(3)]
+        results.append((losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}))
+    assert results[0][0] == results[1][0]
+    for k, v in results[0][1].items():
+        assert torch.equal(v, results[1][1][k])
+
+
+def test_float32_data_in_a_float64_model_equals_float64_data():
+    g = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(8, generator=g) - 2, torch.randn(8, generator=g) + 2]).float()
+    results = []
+    for x in (data, data.double()):
+        pyro.clear_param_store()
+        em = EM(weighted_mixture)
+        results.append([em.step(x) for _ in range(3)])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
+
+
+def test_plan_groups_the_steps_of_a_chain():
+    init = {"start": torch.ones(2) / 2, "trans": torch.full((2, 2), 0.5), "emit": torch.tensor([[0.7, 0.3], [0.2, 0.8]])}
+    X = torch.randint(2, (1, 200), generator=torch.Generator().manual_seed(0))
+    em = EM(categorical_hmm(init))
+    em.step(X, torch.tensor([200]))
+    text = str(em.plan)
+    assert len(text.splitlines()) == 3
+    assert "CategoricalRule at 'z_{t}' for t in 1..199 (199 sites)" in text
