@@ -98,6 +98,11 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
     definite; otherwise L-BFGS's point stands."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
         return  # structural zeros (-inf) have no Newton step
+    q = q_fn()
+    if not q.requires_grad:
+        return
+    used = torch.autograd.grad(q, params, allow_unused=True)
+    params = [p for p, g in zip(params, used) if g is not None]  # Q may ignore some
     eps = torch.finfo(params[0].dtype).eps
     for _ in range(max_steps):
         q = q_fn() / norm
