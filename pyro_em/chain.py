@@ -93,7 +93,7 @@ def _canonical(ids: torch.Tensor, enum_dim: Optional[int], event_dims: int, K: i
 def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[FusedChain]:
     """Recognize a fusable Markov chain (see module docs) in the traces a ``plan`` was made
     from (:func:`~pyro_em.closed_form.analysis_traces`), or return None."""
-    if plan.gradient or not plan.closed_form:
+    if plan.gradient or not plan.closed_form or plan.maps:
         return None
     symbols = enum_symbols(scored)
     sites = [(n, s) for n, s in scored.nodes.items() if s["type"] == "sample"]

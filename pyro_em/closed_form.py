@@ -29,7 +29,7 @@ from .estep import EStep, enum_model, trace_model
 from .hmm import forward_backward
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Rule, UnboundedMAP, UseContext, find_rule
-from .tracking import TrackParams, Tracked, compact, param_dependencies
+from .tracking import TrackParams, Tracked, apply_maps, compact, param_dependencies
 
 logger = logging.getLogger("pyro_em")
 
@@ -47,6 +47,7 @@ class Use:
     rule: Rule
     joint: bool = False
     jacobian: bool = False  # a MAP prior in unconstrained coordinates (map_space)
+    maps: tuple = ()  # bijections between the param and the argument (tracking.BIJECTIONS)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class MStepPlan:
     closed_form: Dict[str, List[Use]] = field(default_factory=dict)
     gradient: Dict[str, str] = field(default_factory=dict)
     tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    maps: Dict[Tuple[str, str, str], tuple] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = []
@@ -144,6 +146,8 @@ def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
         and isinstance(v, torch.Tensor)
         and (isinstance(v, Tracked) or not isinstance(getattr(type(fn), k, None), lazy_property))
     }
+    if isinstance(fn, td.Multinomial):  # its probs or logits live on an inner Categorical
+        args.update(distribution_args(fn._categorical, None))
     if value is not None:
         args["value"] = value
     return args
@@ -186,6 +190,8 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                     continue
                 ids = compact(t.ids)
                 plan.tracked_args.setdefault((site_name, part), {})[arg] = (t.param_name, ids)
+                if t.maps:
+                    plan.maps[(site_name, part, arg)] = t.maps
                 direct.add(t.param_name)
                 rule = find_rule(type(fn), arg)
                 if rule is None:
@@ -199,7 +205,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                 if why:
                     reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
                 else:
-                    uses[t.param_name].append(Use(site_name, part, arg, ids, rule, jacobian=jacobian))
+                    uses[t.param_name].append(Use(site_name, part, arg, ids, rule, jacobian=jacobian, maps=t.maps))
         # A param may also reach the log density along a path no argument shows.
         for p in param_dependencies(scored.nodes[site_name]["log_prob"], leaves) - direct:
             reasons.setdefault(p, f"enters site '{site_name}' through a computation")
@@ -244,6 +250,10 @@ def _incompatible(uses: List[Use]) -> Optional[str]:
     if len(kinds) > 1:
         return f"its uses need different statistics ({', '.join(sorted(kinds))})"
     solvers = {(type(u.rule).solve, u.arg) for u in uses if type(u.rule).solve is not Rule.solve}
+    if len({u.maps for u in uses if type(u.rule).solve is not Rule.solve}) > 1:
+        return "its uses pass it through different maps (" + ", ".join(
+            sorted({".".join(u.maps) or "itself" for u in uses})
+        ) + ")"
     if not solvers:
         return "only a prior uses it"
     if len(solvers) > 1:
@@ -278,7 +288,10 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
     new: Dict[str, torch.Tensor] = {}
     cache: Dict[str, dict] = {}  # per site, computed once (a DiscreteHMM runs forward-backward)
     for name, uses in plan.closed_form.items():
-        old = store[name].detach()
+        # A rule works in its argument's space: the param maps there and back (e.g. a simplex
+        # param used as logits=probs.log()).
+        maps = next((u.maps for u in uses if type(u.rule).solve is not Rule.solve), ())
+        old = apply_maps(maps, store[name].detach())
         stats: Dict[str, torch.Tensor] = {}
         solver_ctx = None
         for use in uses:
@@ -287,7 +300,7 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
             fn, value, weight = cache[use.site][use.part]
             ctx = UseContext(
                 fn, value, weight, use.ids, use.arg, old.numel(),
-                _current(plan.tracked_args.get((use.site, use.part), {}), fn, new), reg_covar, use.joint,
+                _current(plan, use.site, use.part, fn, new), reg_covar, use.joint,
                 use.jacobian,
             )
             for key, s in use.rule.summarize(ctx).items():
@@ -295,7 +308,7 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
             if solver_ctx is None and type(use.rule).solve is not Rule.solve:
                 solver_ctx, solver = ctx, use.rule
         try:
-            new[name] = solver.solve(stats, old, solver_ctx).to(old.dtype)
+            new[name] = apply_maps(maps, solver.solve(stats, old, solver_ctx).to(old.dtype), inverse=True)
         except UnboundedMAP:
             prior = next(u for u in uses if u.arg == "value")
             fn = cache[prior.site][prior.part][0]
@@ -311,13 +324,16 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
             store[name].unconstrained().copy_(unconstrained)
 
 
-def _current(tracked: Dict[str, Tuple[str, torch.Tensor]], fn, new: Dict[str, torch.Tensor]):
+def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor]):
+    tracked = plan.tracked_args.get((site, part), {})
+
     def current(arg: str) -> torch.Tensor:
         if arg in tracked:
             name, ids = tracked[arg]
             value = new.get(name)
             if value is None:
                 value = pyro.get_param_store()[name].detach()
+            value = apply_maps(plan.maps.get((site, part, arg), ()), value)
             gathered = value.reshape(-1)[ids.clamp_min(0)]
             return torch.where(ids >= 0, gathered, getattr(fn, arg)) if bool((ids < 0).any()) else gathered
         return getattr(fn, arg)

@@ -208,6 +208,15 @@ class CategoricalRule(Rule):
         return keep_old(old, probs if ctx.arg == "probs" else probs.log(), total.squeeze(-1))
 
 
+@register_m_step(td.Multinomial, "probs")
+@register_m_step(td.Multinomial, "logits")
+class MultinomialRule(CategoricalRule):
+    """Expected counts are the weighted observed count vectors (hmmlearn's MultinomialHMM)."""
+
+    def summarize(self, ctx):
+        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), ctx.value)}
+
+
 @register_m_step(td.Dirichlet, "value")
 class DirichletPrior(Rule):
     kind = "categorical"

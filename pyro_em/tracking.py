@@ -46,6 +46,52 @@ _MOVES = {
     torch.transpose,
     torch.movedim,
 }
+# Elementwise bijections (and softmax over the last dim): ids follow, and the map is recorded so
+# that a closed-form update made in the argument's space can be mapped back to the param.
+BIJECTIONS = {
+    "log": (torch.log, torch.exp),
+    "exp": (torch.exp, torch.log),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "logit": (torch.logit, torch.sigmoid),
+    "sqrt": (torch.sqrt, torch.square),
+    "square": (torch.square, torch.sqrt),
+    "softmax": (lambda x: x.softmax(-1), torch.log),
+    "log_softmax": (lambda x: x.log_softmax(-1), lambda x: x),
+}
+_ELEMENTWISE = {
+    torch.log: "log", torch.Tensor.log: "log",
+    torch.exp: "exp", torch.Tensor.exp: "exp",
+    torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+    torch.logit: "logit", torch.Tensor.logit: "logit",
+    torch.sqrt: "sqrt", torch.Tensor.sqrt: "sqrt",
+    torch.square: "square", torch.Tensor.square: "square",
+}
+_LAST_DIM = {
+    torch.softmax: "softmax", torch.Tensor.softmax: "softmax", torch.nn.functional.softmax: "softmax",
+    torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax",
+    torch.nn.functional.log_softmax: "log_softmax",
+}
+
+
+def apply_maps(maps, value: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``value`` through the recorded bijections ``maps`` (param -> argument), or back."""
+    for name in reversed(maps) if inverse else maps:
+        value = BIJECTIONS[name][1 if inverse else 0](value)
+    return value
+
+
+def _bijection(func, args, kwargs) -> Optional[str]:
+    if func in _ELEMENTWISE and len(args) == 1 and not kwargs:
+        return _ELEMENTWISE[func]
+    if func in (torch.Tensor.__pow__, torch.pow) and len(args) == 2 and isinstance(args[1], (int, float)) and args[1] in (2, 0.5):
+        return "square" if args[1] == 2 else "sqrt"
+    if func in _LAST_DIM:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim in (-1, args[0].dim() - 1) and kwargs.get("dtype") is None:
+            return _LAST_DIM[func]
+    return None
+
+
 _ROW_REDUCTIONS = {torch.Tensor.sum: "sum", torch.sum: "sum", torch.Tensor.logsumexp: "lse", torch.logsumexp: "lse"}
 _DIVS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.div}
 _SUBS = {torch.Tensor.sub, torch.Tensor.__sub__, torch.sub}
@@ -57,17 +103,19 @@ class Tracked(torch.Tensor):
     ``role`` is ``"value"`` for the param itself (or a rearrangement of it), ``"rowsum"`` /
     ``"rowlse"`` for its sum / logsumexp over the last dim (kept only to recognize row
     normalization), and ``"normalized"`` after dividing by the row sum or subtracting the
-    row logsumexp.
+    row logsumexp. ``maps`` names the bijections applied on the way (see :data:`BIJECTIONS`),
+    as in ``probs.log()`` or ``variance.sqrt()``.
     """
 
     param_name: str
     ids: torch.Tensor
     role: str
+    maps: tuple
 
     @staticmethod
-    def wrap(value: torch.Tensor, name: str, ids: torch.Tensor, role: str = "value") -> "Tracked":
+    def wrap(value: torch.Tensor, name: str, ids: torch.Tensor, role: str = "value", maps: tuple = ()) -> "Tracked":
         out = value.as_subclass(Tracked)
-        out.param_name, out.ids, out.role = name, ids, role
+        out.param_name, out.ids, out.role, out.maps = name, ids, role, maps
         return out
 
     @classmethod
@@ -90,31 +138,34 @@ def _joined_ids(parts):
     """ids for a tensor assembled from tracked and constant parts, or None if the tracked parts
     are not all plain rearrangements of one param. Constant elements get id -1."""
     tracked = [p for p in parts if isinstance(p, Tracked)]
-    if not tracked or any(p.role != "value" or p.param_name != tracked[0].param_name for p in tracked):
+    if not tracked or any(
+        p.role != "value" or p.maps != tracked[0].maps or p.param_name != tracked[0].param_name for p in tracked
+    ):
         return None
     device = tracked[0].ids.device
-    return tracked[0].param_name, [
+    return tracked[0].param_name, tracked[0].maps, [
         p.ids if isinstance(p, Tracked) else torch.full(torch.as_tensor(p).shape, -1, device=device)
         for p in parts
     ]
 
 
 def _propagate(func, args, kwargs, out):
-    if func in (torch.cat, torch.concat):
+    if func in (torch.cat, torch.concat, torch.stack):
         joined = _joined_ids(list(args[0]))
         if joined is None:
             return out
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        return Tracked.wrap(out, joined[0], torch.cat(joined[1], dim))
+        ids = [i.expand(torch.as_tensor(p).shape) for i, p in zip(joined[2], args[0])]
+        return Tracked.wrap(out, joined[0], (torch.stack if func is torch.stack else torch.cat)(ids, dim), maps=joined[1])
     if func in (torch.where, torch.Tensor.where):
         cond, a, b = (args[0], args[1], args[2]) if func is torch.where else (args[1], args[0], args[2])
         joined = _joined_ids([a, b])
         if joined is None:
             return out
-        return Tracked.wrap(out, joined[0], torch.where(_plain(cond), *joined[1]).expand(out.shape))
+        return Tracked.wrap(out, joined[0], torch.where(_plain(cond), *joined[2]).expand(out.shape), maps=joined[1])
     if func is torch.broadcast_tensors or func is torch.functional.broadcast_tensors:
         return tuple(
-            Tracked.wrap(o, a.param_name, a.ids.expand(o.shape), a.role) if isinstance(a, Tracked) else o
+            Tracked.wrap(o, a.param_name, a.ids.expand(o.shape), a.role, a.maps) if isinstance(a, Tracked) else o
             for a, o in zip(args, out)
         )
     if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], Tracked):
@@ -124,21 +175,26 @@ def _propagate(func, args, kwargs, out):
         ids_args = (src.ids,) + tuple(_plain(a) for a in args[1:])
         with torch._C.DisableTorchFunctionSubclass():
             ids = func(*ids_args, **tree_map(_plain, kwargs))
-        return Tracked.wrap(out, src.param_name, ids, src.role)
-    if func in _ROW_REDUCTIONS and src.role == "value" and _is_last_dim_keepdim(src, args, kwargs):
-        return Tracked.wrap(out, src.param_name, src.ids, "row" + _ROW_REDUCTIONS[func])
+        return Tracked.wrap(out, src.param_name, ids, src.role, src.maps)
+    bijection = _bijection(func, args, kwargs) if src.role in ("value", "normalized") else None
+    if bijection is not None and out.shape == src.shape:
+        role = "normalized" if bijection in ("softmax", "log_softmax") else src.role
+        return Tracked.wrap(out, src.param_name, src.ids, role, src.maps + (bijection,))
+    if func in _ROW_REDUCTIONS and src.role in ("value", "normalized") and _is_last_dim_keepdim(src, args, kwargs):
+        return Tracked.wrap(out, src.param_name, src.ids, "row" + _ROW_REDUCTIONS[func], src.maps)
     other = args[1] if len(args) > 1 else None
     if (
         isinstance(other, Tracked)
         and other.param_name == src.param_name
-        and src.role == "value"
+        and src.role in ("value", "normalized")
         and (
             (func in _DIVS and other.role == "rowsum")
             or (func in _SUBS and other.role == "rowlse")
         )
         and out.shape == src.shape
+        and other.maps == src.maps
     ):
-        return Tracked.wrap(out, src.param_name, src.ids, "normalized")
+        return Tracked.wrap(out, src.param_name, src.ids, "normalized", src.maps)
     return out
 
 

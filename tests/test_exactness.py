@@ -200,3 +200,96 @@ def test_plan_groups_the_steps_of_a_chain():
     text = str(em.plan)
     assert len(text.splitlines()) == 3
     assert "CategoricalRule at 'z_{t}' for t in 1..199 (199 sites)" in text
+
+
+def _mixture_runs(models, data, steps=3):
+    runs = []
+    for model in models:
+        pyro.clear_param_store()
+        em = EM(model, m_step="closed_form")
+        runs.append([em.step(data) for _ in range(steps)])
+    return runs
+
+
+def test_params_through_bijections_keep_the_closed_form():
+    """softmax weights, a variance used through sqrt, a rate through exp: the same iterates as
+    the plain spelling, in closed form."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(10, generator=g) - 2, 0.5 * torch.randn(10, generator=g) + 2]).abs().round()
+
+    @config_enumerate
+    def plain(x):
+        w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=constraints.simplex)
+        loc = pyro.param("loc", torch.tensor([0.5, 2.5]))
+        s = pyro.param("s", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+        rate = pyro.param("rate", torch.tensor([1.0, 3.0]), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.Normal(loc[z], s[z]), obs=x)
+            pyro.sample("n", dist.Poisson(rate[z]), obs=x)
+
+    @config_enumerate
+    def mapped(x):
+        logits = pyro.param("logits", torch.tensor([0.3, 0.7]).log())
+        loc = pyro.param("loc", torch.tensor([0.5, 2.5]))
+        var = pyro.param("var", torch.tensor([1.0, 4.0]), constraint=constraints.positive)
+        log_rate = pyro.param("log_rate", torch.tensor([1.0, 3.0]).log())
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(logits.softmax(-1)))
+            pyro.sample("x", dist.Normal(loc[z], var.sqrt()[z]), obs=x)
+            pyro.sample("n", dist.Poisson(log_rate.exp()[z]), obs=x)
+
+    a, b = _mixture_runs([plain, mapped], data)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    var = pyro.param("var").detach().clone()
+    _mixture_runs([plain], data)
+    torch.testing.assert_close(var, pyro.param("s").detach() ** 2)
+
+
+def test_discrete_hmm_with_log_of_simplex_params_is_baum_welch():
+    """DiscreteHMM(start.log(), trans.log(), Categorical(emit)) with simplex params: closed
+    form, equal to hmmlearn (whose first state is drawn from start: an identity first step)."""
+    g = torch.Generator().manual_seed(0)
+    K, M, S, T = 3, 4, 4, 30
+    init = {k: torch.softmax(torch.randn(*shape, generator=g), -1) for k, shape in
+            (("start", (K,)), ("trans", (K, K)), ("emit", (K, M)))}
+    X = torch.randint(M, (S, T), generator=g)
+
+    def model(X):
+        start = pyro.param("start", init["start"].clone(), constraint=constraints.simplex)
+        trans = pyro.param("trans", init["trans"].clone(), constraint=constraints.simplex)
+        emit = pyro.param("emit", init["emit"].clone(), constraint=constraints.simplex)
+        steps = torch.cat([torch.eye(K).log().expand(1, K, K), trans.log().expand(T - 1, K, K)])
+        with pyro.plate("seqs", S):
+            pyro.sample("x", dist.DiscreteHMM(start.log(), steps, dist.Categorical(emit)), obs=X)
+
+    em = EM(model, m_step="closed_form")
+    expected = reference_fit(init, list(X), iters=3)
+    for it in range(3):
+        em.step(X)
+        for name in ("start", "trans", "emit"):
+            np.testing.assert_allclose(pyro.param(name).detach().numpy(), expected[it][name], atol=1e-12, rtol=0)
+
+
+def test_multinomial_emissions_closed_form():
+    """Multinomial counts: expected counts are the weighted count vectors."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 10, True, generator=g) for _ in range(8)]).reshape(8, 10)
+    counts = torch.stack([torch.bincount(r, minlength=3) for r in X])  # integer counts
+
+    @config_enumerate
+    def model(c):
+        w = pyro.param("w", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+        probs = pyro.param("probs", torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]), constraint=constraints.simplex)
+        with pyro.plate("data", len(c)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("c", dist.Multinomial(10, probs[z]), obs=c)
+
+    em = EM(model, m_step="closed_form")
+    em.step(counts)
+    w0 = torch.tensor([0.5, 0.5])
+    p0 = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    log_joint = w0.log() + (counts.double() @ p0.log().T)
+    r = (log_joint - log_joint.logsumexp(-1, keepdim=True)).exp()
+    expected = r.T @ counts.double()
+    torch.testing.assert_close(pyro.param("probs").detach(), expected / expected.sum(-1, keepdim=True))
