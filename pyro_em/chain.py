@@ -100,7 +100,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
     stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
     if len(stacks) != 1 or len(next(iter(stacks))) > 1:
         return None
-    if any(s["infer"].get(MAP_FLAG) or packed_scale(s) != 1.0 for _, s in sites):
+    if any(s["infer"].get(MAP_FLAG) or not isinstance(packed_scale(s), float) or packed_scale(s) != 1.0 for _, s in sites):
         return None
 
     states: List[str] = []
