@@ -18,7 +18,7 @@ from .closed_form import MStepPlan, analysis_traces, closed_form_update, compone
 from .estep import EStep, e_step, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .hmm import hmm_log_prob
-from .map_sites import MapMessenger
+from .map_sites import MapMessenger, check_map_bounded
 from .posterior import site_marginals
 
 M_STEPS = ("auto", "closed_form", "gradient")
@@ -145,6 +145,7 @@ class EM:
         model, if the plan recognized one (see :mod:`pyro_em.chain`); else ``None``."""
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
+        self.map_prefix = map_prefix
         self.fitted_model = MapMessenger(init_loc_fn, map_prefix, map_space)(model)
         """``model`` with MAP-estimated sites fixed to their values in the param store: a
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
@@ -213,11 +214,12 @@ class EM:
                 plan = self._get_plan(args, kwargs)
                 if plan.closed_form:
                     closed_form_update(plan, estep, self.reg_covar)
-                rest = [p for name, p in params.items() if name not in plan.closed_form]
+                rest = {name: p for name, p in params.items() if name not in plan.closed_form}
                 if rest:
                     self._gradient_m_step(
-                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), rest
+                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), list(rest.values())
                     )
+                    check_map_bounded(estep.trace, rest, self.map_prefix)
         return -float(estep.log_z)
 
     def _fused_step(self, chain: FusedChain) -> float:

@@ -106,3 +106,33 @@ def unbounded_prior_message(site: str, prior: str, param: str) -> str:
         "map_space='unconstrained') (the posterior mode in unconstrained coordinates, always "
         "bounded), raise the prior's concentration to at least 1, or mask the prior out."
     )
+
+
+_BOUNDED_BELOW_ONE = {"Dirichlet": ("concentration",), "Gamma": ("concentration",), "Beta": ("concentration1", "concentration0")}
+
+
+def check_map_bounded(trace, updated, prefix: str) -> None:
+    """After a gradient M-step: a MAP value driven onto the boundary where its prior density is
+    infinite (a Dirichlet, Beta or Gamma concentration below 1) means the MAP objective has no
+    maximum; raise the error of :func:`unbounded_prior_message` (the caller restores the store).
+
+    :param trace: the E-step's trace (its MAP sites and their priors).
+    :param updated: names of the params the gradient M-step moved.
+    """
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["infer"].get(MAP_FLAG) or site["mask"] is False:
+            continue
+        param = f"{prefix}.{name}"
+        fn = site["fn"]
+        if param not in updated or isinstance(fn, UnconstrainedDensity):
+            continue
+        while hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        concentrations = [getattr(fn, a) for a in _BOUNDED_BELOW_ONE.get(type(fn).__name__, ())]
+        if not any(bool((c < 1).any()) for c in concentrations):
+            continue
+        value = pyro.param(param).detach()
+        edge = torch.finfo(value.dtype).tiny ** 0.5
+        at_edge = (value <= edge) | ((1 - value <= edge) if type(fn).__name__ == "Beta" else False)
+        if bool(torch.as_tensor(at_edge).any()):
+            raise ValueError(unbounded_prior_message(name, type(fn).__name__, param))

@@ -2,8 +2,9 @@
 there: ``include_prior`` masks, sequence-length masks, ``pyro.markov``, ``Vindex``, priors with
 concentration below one, MAP sites, local continuous latents. Each has a small synthetic data
 maker. Sources: Pyro's examples/hmm.py (models 0-4 and 6), examples/capture_recapture/cjs.py
-(models 1 and 2), examples/lda.py, the GMM and enumeration tutorials, tests/infer/test_enum.py
-(a mixture whose observations are masked by the enumerated component)."""
+(models 1 and 2), examples/mixed_hmm/model.py, examples/lda.py, the GMM and enumeration
+tutorials, tests/infer/test_enum.py (a mixture whose observations are masked by the
+enumerated component)."""
 
 from types import SimpleNamespace
 
@@ -249,3 +250,111 @@ def masked_mixture(data, K=3):
                     dist.Normal(locs[component_ind], scales[component_ind]).to_event(1),
                     obs=data,
                 )
+
+
+# ---- examples/mixed_hmm/model.py ------------------------------------------------------------
+
+MISSING = 1e-3
+
+
+def _index_param(param, ind, dim=-2):
+    """Select along ``param``'s dim ``dim`` (an event dim) by the batch index ``ind``."""
+    for _ in range(len(param.shape[dim:])):
+        ind = ind.unsqueeze(-1)
+    inds = [None] * len(param.shape)
+    for d, sd in enumerate(reversed(param.shape)):
+        inds[-d - 1] = ind if dim == -d - 1 else torch.arange(sd).reshape((sd,) + (1,) * d)
+    return param[tuple(inds)].squeeze(dim)
+
+
+def mixed_hmm_config(N_state=2, N_v=2, N_c=2, N_s=3, N_t=5, seed=0):
+    """Animal-movement data of the mixed HMM's shape: step lengths (Gamma, zero-inflated),
+    turning angles (VonMises), dive activity (Beta, zero-inflated), groups and individuals of
+    several lengths, discrete random effects at both levels."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (N_s, N_c, N_t)
+    step = torch.distributions.Gamma(2.0, 1.0).sample(shape)
+    step[torch.rand(shape, generator=g) < 0.2] = MISSING
+    angle = (torch.rand(shape, generator=g) * 2 - 1) * 3.0
+    omega = torch.rand(shape, generator=g) * 0.9 + 0.05
+    omega[torch.rand(shape, generator=g) < 0.2] = MISSING
+    lengths = torch.randint(2, N_t + 1, (N_s, N_c), generator=g)
+    individual_mask = torch.ones(N_s, N_c, dtype=torch.bool)
+    individual_mask[-1, -1] = False  # a group with fewer individuals
+    return {
+        "MISSING": MISSING,
+        "sizes": {"state": N_state, "random": N_v, "group": N_c, "individual": N_s, "timesteps": N_t},
+        "group": {"random": "discrete"},
+        "individual": {"random": "discrete", "mask": individual_mask},
+        "timestep": {"mask": torch.arange(N_t) < lengths.unsqueeze(-1)},
+        "observations": {"step": step, "angle": angle, "omega": omega},
+    }
+
+
+@config_enumerate
+def mixed_hmm(config):
+    """Hierarchical mixed-effects HMM with discrete group and individual random effects."""
+    MISSING = config["MISSING"]
+    N_v, N_state = config["sizes"]["random"], config["sizes"]["state"]
+    N_c = config["sizes"]["group"]
+    g = torch.Generator().manual_seed(3)
+
+    def init(*shape):
+        return lambda: torch.randn(shape, generator=g).abs() + 0.5
+
+    probs_e_g = pyro.param("probs_e_group", init(N_v), constraint=constraints.simplex)
+    theta_g = pyro.param("theta_group", lambda: torch.randn((N_v, N_state**2), generator=g))
+    probs_e_i = pyro.param("probs_e_individual", init(N_c, N_v), constraint=constraints.simplex)
+    theta_i = pyro.param("theta_individual", lambda: torch.randn((N_c, N_v, N_state**2), generator=g))
+    step_zi_param = pyro.param("step_zi_param", lambda: torch.ones((N_state, 2)))
+    step_concentration = pyro.param("step_param_concentration", init(N_state), constraint=constraints.positive)
+    step_rate = pyro.param("step_param_rate", init(N_state), constraint=constraints.positive)
+    angle_concentration = pyro.param("angle_param_concentration", init(N_state), constraint=constraints.positive)
+    angle_loc = pyro.param("angle_param_loc", init(N_state))
+    omega_zi_param = pyro.param("omega_zi_param", lambda: torch.ones((N_state, 2)))
+    omega_concentration0 = pyro.param("omega_param_concentration0", init(N_state), constraint=constraints.positive)
+    omega_concentration1 = pyro.param("omega_param_concentration1", init(N_state), constraint=constraints.positive)
+
+    gamma = torch.zeros((N_state**2,))
+    with pyro.plate("group", N_c, dim=-1):
+        e_g = pyro.sample("e_g", dist.Categorical(probs_e_g))
+        gamma = gamma + _index_param(theta_g, e_g, dim=-2)
+        N_s = config["sizes"]["individual"]
+        with pyro.plate("individual", N_s, dim=-2), poutine.mask(mask=config["individual"]["mask"]):
+            e_i = pyro.sample("e_i", dist.Categorical(probs_e_i))
+            gamma = gamma + _index_param(theta_i, e_i, dim=-2)
+            y = torch.tensor(0).long()
+            for t in pyro.markov(range(config["sizes"]["timesteps"])):
+                with poutine.mask(mask=config["timestep"]["mask"][..., t]):
+                    gamma_t = gamma.reshape(tuple(gamma.shape[:-1]) + (N_state, N_state))
+                    y = pyro.sample(f"y_{t}", dist.Categorical(logits=_index_param(gamma_t, y, dim=-2)))
+
+                    step_dist = dist.Gamma(
+                        concentration=_index_param(step_concentration, y, dim=-1),
+                        rate=_index_param(step_rate, y, dim=-1),
+                    )
+                    step_zi_mask = pyro.sample(
+                        f"step_zi_{t}",
+                        dist.Categorical(logits=_index_param(step_zi_param, y, dim=-2)),
+                        obs=(config["observations"]["step"][..., t] == MISSING),
+                    )
+                    step_zi_dist = dist.MaskedMixture(step_zi_mask, step_dist, dist.Delta(v=torch.tensor(MISSING)))
+                    pyro.sample(f"step_{t}", step_zi_dist, obs=config["observations"]["step"][..., t])
+
+                    angle_dist = dist.VonMises(
+                        concentration=_index_param(angle_concentration, y, dim=-1),
+                        loc=_index_param(angle_loc, y, dim=-1),
+                    )
+                    pyro.sample(f"angle_{t}", angle_dist, obs=config["observations"]["angle"][..., t])
+
+                    omega_dist = dist.Beta(
+                        concentration0=_index_param(omega_concentration0, y, dim=-1),
+                        concentration1=_index_param(omega_concentration1, y, dim=-1),
+                    )
+                    omega_zi_mask = pyro.sample(
+                        f"omega_zi_{t}",
+                        dist.Categorical(logits=_index_param(omega_zi_param, y, dim=-2)),
+                        obs=(config["observations"]["omega"][..., t] == MISSING),
+                    )
+                    omega_zi_dist = dist.MaskedMixture(omega_zi_mask, omega_dist, dist.Delta(v=torch.tensor(MISSING)))
+                    pyro.sample(f"omega_{t}", omega_zi_dist, obs=config["observations"]["omega"][..., t])

@@ -117,3 +117,38 @@ def test_unconstrained_beta_mode_is_pseudo_counts_plus_one():
 
     EM(model, map_space="unconstrained").step(data)
     assert pyro.param("AutoDelta.p").item() == pytest.approx((3 + a) / (7 + a + b), abs=1e-12)
+
+
+def test_mixed_hmm():
+    """examples/mixed_hmm: discrete random effects at two plate levels, a masked individual
+    plate, zero-inflated Gamma and Beta observations through MaskedMixture, VonMises angles;
+    most params take the gradient M-step. (Three steps: each costs seconds, see issue 9.)"""
+    config = M.mixed_hmm_config()
+    em = EM(M.mixed_hmm, max_plate_nesting=2)
+    losses = [em.step(config) for _ in range(3)]
+    for before, after in zip(losses, losses[1:]):
+        assert after <= before + 1e-10 * abs(before)
+    assert em.plan.closed_form and em.plan.gradient
+    assert em.evaluate_loss(config) == pytest.approx(traceenum_loss(M.mixed_hmm, (config,), {}, 2), rel=1e-9)
+
+
+def test_unbounded_map_objective_on_the_gradient_path():
+    """A Beta(0.1, 0.9) MAP site reaching the likelihood through a computation: all-zero data
+    drive it onto 0, where the prior density is infinite. Constrained: the clear error, and the
+    param created in the step is gone again. Unconstrained: the bounded mode, found exactly."""
+
+    def model(data):
+        p = pyro.sample("p", pyro.distributions.Beta(0.1, 0.9))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", pyro.distributions.Bernoulli(0.5 * p), obs=data)
+
+    data = torch.zeros(5)
+    with pytest.raises(ValueError, match="site 'p' \\(param 'AutoDelta.p'\\) has no maximum: its Beta prior"):
+        EM(model).step(data)
+    assert "AutoDelta.p" not in pyro.get_param_store()
+    em = EM(model, map_space="unconstrained")
+    for _ in range(3):
+        em.step(data)
+    # The mode of 5 log(1 - p/2) + 0.1 log p + 0.9 log(1 - p) (prior times Jacobian p (1 - p)).
+    p = pyro.param("AutoDelta.p").detach()
+    assert float(-5 / (2 - p) + 0.1 / p - 0.9 / (1 - p)) == pytest.approx(0, abs=1e-9)
