@@ -100,7 +100,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
     stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
     if len(stacks) != 1 or len(next(iter(stacks))) > 1:
         return None
-    if any(s["infer"].get(MAP_FLAG) or not isinstance(packed_scale(s), float) or packed_scale(s) != 1.0 for _, s in sites):
+    if any(s["infer"].get(MAP_FLAG) or not _unit_scale(s) for _, s in sites):
         return None
 
     states: List[str] = []
@@ -218,6 +218,11 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             return None
         fused.closed_form[name] = uses
     return FusedChain(values, active, start, trans, emission_type, emission_args, event_dims, fused)
+
+
+def _unit_scale(site) -> bool:
+    scale = packed_scale(site)
+    return isinstance(scale, float) and scale == 1.0
 
 
 def _step_mask(mask):

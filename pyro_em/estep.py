@@ -138,13 +138,14 @@ def _scaled(term: torch.Tensor, scale, what: str) -> torch.Tensor:
     return term * align(scale, term._pyro_dims)
 
 
-def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, float]:
+def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Any]:
     """Sum out every enumerated latent: ``log Z`` as a differentiable function of ``terms``.
 
     :param trace: a trace from :func:`trace_model`, giving each site's plates, mask and scale.
     :param terms: packed unscaled log density of each sample site (e.g. :func:`site_terms`).
     :returns: ``(log_z, scale)``, the 0-dim log marginal likelihood and the common scale of the
-        sites that depend on enumerated latents.
+        sites that depend on enumerated latents (a number, or a packed tensor of per-datum
+        weights).
     """
     sum_dims = enum_symbols(trace)
     tree = OrderedDict()
@@ -203,12 +204,13 @@ def _leaf(term: torch.Tensor, site: dict) -> torch.Tensor:
     posterior weight. An enumerated site whose mask depends on other dims (another latent's
     value, a plate the site does not vary along) gets a leaf over the dims of both, so that
     its weight is the joint posterior restricted to the mask, not a product of marginals."""
-    mask = site["packed"]["mask"]
+    mask, dims = site["packed"]["mask"], term._pyro_dims
+    leaf = term.detach()
     if "_enumerate_symbol" in site["infer"] and isinstance(mask, torch.Tensor):
-        term = packed.broadcast_all(term, mask)[0]
-    leaf = term.detach().clone() if term.stride() != term.contiguous().stride() else term.detach()
+        broadcast = packed.broadcast_all(term, mask)[0]
+        leaf, dims = broadcast.detach().clone(), broadcast._pyro_dims
     leaf.requires_grad_()
-    leaf._pyro_dims = term._pyro_dims
+    leaf._pyro_dims = dims
     return leaf
 
 

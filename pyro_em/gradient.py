@@ -95,7 +95,7 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
     """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q`` (one backward
     pass per parameter element), so that the M-step is solved to round-off, as an exact EM
     step must be. A step is kept only if ``Q`` does not fall and the Hessian is negative
-    definite; otherwise L-BFGS's point stands."""
+    semi-definite; otherwise L-BFGS's point stands."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
         return  # structural zeros (-inf) have no Newton step
     q = q_fn()

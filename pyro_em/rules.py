@@ -179,10 +179,15 @@ class UnboundedMAP(ValueError):
     outweigh the data: the MAP objective grows without bound towards the boundary."""
 
 
-def check_bounded(*counts: torch.Tensor) -> None:
-    """Raise :class:`UnboundedMAP` if any count (data plus prior pseudo-counts) is negative."""
-    if any(bool((c < 0).any()) for c in counts):
+def check_bounded(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` (data plus prior pseudo-counts) with round-off below zero set to zero.
+
+    :raises UnboundedMAP: if a count is negative beyond round-off.
+    """
+    tol = 64 * torch.finfo(counts.dtype).eps * float(counts.abs().max().clamp_min(1))
+    if bool((counts < -tol).any()):
         raise UnboundedMAP()
+    return counts.clamp_min(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +205,7 @@ class CategoricalRule(Rule):
         return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), onehot.to(ctx.weight.dtype))}
 
     def solve(self, stats, old, ctx):
-        counts = _slots(stats["counts"], old)
-        check_bounded(counts)
+        counts = check_bounded(_slots(stats["counts"], old))
         total = counts.sum(-1, keepdim=True)
         # A probability with no expected count is exactly 0 (a structural zero stays one).
         probs = _ratio(counts, total)
@@ -249,8 +253,8 @@ class _SuccessRule(Rule):
     kind = "bernoulli"
 
     def solve(self, stats, old, ctx):
-        s1, n = _slots(stats["successes"], old), _slots(stats["trials"], old)
-        check_bounded(s1, n - s1)
+        s1, n = check_bounded(_slots(stats["successes"], old)), _slots(stats["trials"], old)
+        n = s1 + check_bounded(n - s1)
         eps = torch.finfo(old.dtype).eps
         p = _ratio(s1, n).clamp(eps, 1 - eps)
         return keep_old(old, p if ctx.arg == "probs" else p.log() - (-p).log1p(), n)
@@ -291,8 +295,7 @@ class _RateRule(Rule):
     kind = "rate"
 
     def solve(self, stats, old, ctx):
-        events, exposure = _slots(stats["events"], old), _slots(stats["exposure"], old)
-        check_bounded(events)
+        events, exposure = check_bounded(_slots(stats["events"], old)), _slots(stats["exposure"], old)
         rate = _ratio(events, exposure).clamp_min(torch.finfo(old.dtype).tiny)
         return keep_old(old, rate, exposure)
 
