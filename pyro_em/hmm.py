@@ -52,8 +52,8 @@ def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, tor
     """Normalized ``initial (..., K)``, ``transition (..., T, K, K)`` (expanded) and
     observation ``(..., T, K)`` log factors of ``fn`` at ``value``."""
     obs = fn.observation_dist.log_prob(value.unsqueeze(-1 - fn.observation_dist.event_dim))
-    K = obs.shape[-1]
     trans = fn.transition_logits
+    K = trans.shape[-1]  # the observation may broadcast over the states
     time_shape = torch.broadcast_shapes(trans.shape[:-2], obs.shape[:-1])
     trans = trans.expand(time_shape + (K, K))
     batch = torch.broadcast_shapes(fn.initial_logits.shape[:-1], time_shape[:-1])

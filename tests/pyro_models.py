@@ -1,7 +1,7 @@
 """Models written the way Pyro's examples and tutorials write them, idioms kept as they are
 there: ``include_prior`` masks, sequence-length masks, ``pyro.markov``, ``Vindex``, priors with
 concentration below one, MAP sites, local continuous latents. Each has a small synthetic data
-maker. Sources: Pyro's examples/hmm.py (models 0-4 and 6), examples/capture_recapture/cjs.py
+maker. Sources: Pyro's examples/hmm.py (models 0-7), examples/capture_recapture/cjs.py
 (models 1 and 2), examples/mixed_hmm/model.py, examples/lda.py, the GMM and enumeration
 tutorials, tests/infer/test_enum.py (a mixture whose observations are masked by the
 enumerated component)."""
@@ -25,7 +25,7 @@ def polyphonic(num_sequences=6, max_length=7, data_dim=3, hidden_dim=4, seed=0):
     lengths[0] = max_length
     for i, n in enumerate(lengths):
         sequences[i, n:] = 0
-    return sequences, lengths, SimpleNamespace(hidden_dim=hidden_dim, jit=False)
+    return sequences, lengths, SimpleNamespace(hidden_dim=hidden_dim, jit=False, nn_dim=6, nn_channels=2)
 
 
 # ---- examples/hmm.py ------------------------------------------------------------------------
@@ -141,6 +141,66 @@ def hmm_6(sequences, lengths, args, batch_size=None, include_prior=False):
                 x_prev, x_curr = x_curr, pyro.sample(f"x_{t}", dist.Categorical(probs_x_t), infer={"enumerate": "parallel"})
                 with tones_plate:
                     pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[x_curr.squeeze(-1)]), obs=sequences[batch, t])
+
+
+class TonesGenerator(torch.nn.Module):
+    """examples/hmm.py's emission network: logits of each tone from the state and the
+    previous step's tones."""
+
+    def __init__(self, args, data_dim):
+        super().__init__()
+        self.args, self.data_dim = args, data_dim
+        torch.manual_seed(0)
+        self.x_to_hidden = torch.nn.Linear(args.hidden_dim, args.nn_dim)
+        self.y_to_hidden = torch.nn.Linear(args.nn_channels * data_dim, args.nn_dim)
+        self.conv = torch.nn.Conv1d(1, args.nn_channels, 3, padding=1)
+        self.hidden_to_logits = torch.nn.Linear(args.nn_dim, data_dim)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x, y):
+        x_onehot = y.new_zeros(x.shape[:-1] + (self.args.hidden_dim,)).scatter_(-1, x, 1)
+        y_conv = self.relu(self.conv(y.reshape(-1, 1, self.data_dim))).reshape(y.shape[:-1] + (-1,))
+        h = self.relu(self.x_to_hidden(x_onehot) + self.y_to_hidden(y_conv))
+        return self.hidden_to_logits(h)
+
+
+def neural_hmms(data_dim, args):
+    """examples/hmm.py's models 5 (pyro.markov) and 7 (one DiscreteHMM) around one network."""
+    tones_generator = TonesGenerator(args, data_dim)
+
+    def hmm_5(sequences, lengths, args, batch_size=None, include_prior=True):
+        num_sequences, max_length, data_dim = map(int, sequences.shape)
+        pyro.module("tones_generator", tones_generator)
+        with poutine.mask(mask=include_prior):
+            probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+            lengths = lengths[batch]
+            x = 0
+            y = torch.zeros(data_dim)
+            for t in pyro.markov(range(max_length if args.jit else lengths.max())):
+                with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                    x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"})
+                    with pyro.plate(f"tones_{t}", data_dim, dim=-1):
+                        y = pyro.sample(f"y_{t}", dist.Bernoulli(logits=tones_generator(x, y)), obs=sequences[batch, t])
+
+    def hmm_7(sequences, lengths, args, batch_size=None, include_prior=True):
+        num_sequences, max_length, data_dim = map(int, sequences.shape)
+        pyro.module("tones_generator", tones_generator)
+        with poutine.mask(mask=include_prior):
+            probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        with pyro.plate("sequences", num_sequences, batch_size, dim=-1) as batch:
+            lengths = lengths[batch]
+            y = sequences[batch] if args.jit else sequences[batch, : lengths.max()]
+            x = torch.arange(args.hidden_dim)
+            t = torch.arange(y.size(1))
+            init_logits = torch.full((args.hidden_dim,), -float("inf"))
+            init_logits[0] = 0
+            trans_logits = probs_x.log()
+            obs_dist = dist.Bernoulli(logits=tones_generator(x, y.unsqueeze(-2))).to_event(1)
+            obs_dist = obs_dist.mask((t < lengths.unsqueeze(-1)).unsqueeze(-1))
+            pyro.sample("y", dist.DiscreteHMM(init_logits, trans_logits, obs_dist), obs=y)
+
+    return hmm_5, hmm_7
 
 
 # ---- examples/capture_recapture/cjs.py ------------------------------------------------------

@@ -34,6 +34,7 @@ def _cases():
     yield "hmm_3", M.hmm_3, (seq, lengths, args), 2
     yield "hmm_4", M.hmm_4, (seq, lengths, args), 2
     yield "hmm_6", M.hmm_6, (seq, lengths, args), 2
+    yield "hmm_7", M.neural_hmms(seq.shape[-1], args)[1], (seq, lengths, args), 1
     yield "cjs_1", M.cjs_1, M.capture_history(), 1
     yield "cjs_2", M.cjs_2, M.capture_history(), 1
     yield "gmm_tutorial", M.gmm_tutorial, (M.GMM_DATA.float(),), 1  # float32 data, float64 params
@@ -43,7 +44,7 @@ def _cases():
     yield "masked_mixture", M.masked_mixture, (data,), 1
 
 
-PRIOR_SWITCH = ("hmm_0", "hmm_1", "hmm_2", "hmm_3", "hmm_4")  # examples/hmm.py's include_prior
+PRIOR_SWITCH = ("hmm_0", "hmm_1", "hmm_2", "hmm_3", "hmm_4", "hmm_7")  # examples/hmm.py's include_prior
 VARIANTS = [
     (case[0], include_prior)
     for case in _cases()
@@ -152,3 +153,17 @@ def test_unbounded_map_objective_on_the_gradient_path():
     # The mode of 5 log(1 - p/2) + 0.1 log p + 0.9 log(1 - p) (prior times Jacobian p (1 - p)).
     p = pyro.param("AutoDelta.p").detach()
     assert float(-5 / (2 - p) + 0.1 / p - 0.9 / (1 - p)) == pytest.approx(0, abs=1e-9)
+
+
+def test_neural_hmm():
+    """examples/hmm.py's model 5: a network's emissions (gradient M-step, L-BFGS) beside a
+    Dirichlet(0.1)-prior transition table (closed form, unconstrained coordinates)."""
+    seq, lengths, args = M.polyphonic()
+    model = M.neural_hmms(seq.shape[-1], args)[0]
+    em = EM(model, map_space="unconstrained", max_plate_nesting=2)
+    losses = [em.step(seq, lengths, args) for _ in range(10)]
+    for before, after in zip(losses, losses[1:]):
+        assert after <= before + 1e-10 * abs(before)
+    assert list(em.plan.closed_form) == ["AutoDelta.probs_x"]
+    loss = EM(model, max_plate_nesting=2).evaluate_loss(seq, lengths, args)
+    assert loss == pytest.approx(traceenum_loss(model, (seq, lengths, args), {}, 2), rel=1e-9)
