@@ -1,7 +1,7 @@
 """pyro_em: Expectation-Maximization for Pyro models with discrete latent variables."""
 
 from .closed_form import MStepPlan
-from .em import EM, ConvergenceWarning, EMResult
+from .em import EM, ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
 from .rules import Rule, UseContext, register_m_step
@@ -10,6 +10,7 @@ __all__ = [
     "EM",
     "EMResult",
     "ConvergenceWarning",
+    "MStepWarning",
     "EStep",
     "e_step",
     "MapMessenger",

@@ -1,9 +1,12 @@
 """Input checks whose messages name the culprit (site or argument) and say how to fix it."""
 
 import math
-from typing import Mapping
+import numbers
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Tuple
 
 import torch
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
 #: ``site["infer"]`` key marking a latent site that EM estimates as a point (MAP) value.
@@ -15,7 +18,19 @@ def check_enumerated_trace(trace: Trace) -> None:
     sample_sites = [s for s in trace.nodes.values() if s["type"] == "sample"]
     if not sample_sites:
         raise ValueError("The model has no pyro.sample sites: there is nothing to fit by EM.")
+    if not any(s["is_observed"] and not s["infer"].get(MAP_FLAG) for s in sample_sites):
+        raise ValueError(
+            "The model has no observed site (pyro.sample(name, fn, obs=data)): EM has no data "
+            "to fit. Was a guide passed in place of the model? EM(model) needs the model only."
+        )
     for site in sample_sites:
+        for f in site["cond_indep_stack"]:
+            if f.full_size is not None and f.size != f.full_size:
+                raise ValueError(
+                    f"Plate '{f.name}' subsamples {f.size} of {f.full_size} (subsample_size or "
+                    "subsample): an EM step needs every datum of the plate at once. Remove the "
+                    "subsampling, and pass the data in full."
+                )
         name, fn = site["name"], site["fn"]
         if site["infer"].get(MAP_FLAG):
             continue
@@ -55,6 +70,16 @@ def check_enumerated_trace(trace: Trace) -> None:
 
 def explain_bad_log_z(trace: Trace, terms: Mapping[str, torch.Tensor], log_z: torch.Tensor) -> str:
     """A message for a non-finite log marginal likelihood, naming the offending sites."""
+    for name, site in trace.nodes.items():
+        value = site["value"] if site["type"] == "sample" and site["is_observed"] else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            big = float(value.abs().max())
+            if big > torch.finfo(value.dtype).max ** 0.5:
+                return (
+                    f"The log density of site '{name}' overflowed: its values reach {big:.3g}, "
+                    f"whose square exceeds the {value.dtype} range (so log densities become "
+                    "infinite). Rescale the data, e.g. standardize them."
+                )
     nan_sites = [n for n, t in terms.items() if bool(torch.isnan(t).any())]
     if nan_sites:
         return (
@@ -65,14 +90,41 @@ def explain_bad_log_z(trace: Trace, terms: Mapping[str, torch.Tensor], log_z: to
         inf_sites = [n for n, t in terms.items() if bool((t == math.inf).any())]
         return (
             f"The log density of site(s) {_names(inf_sites)} is +inf: a distribution has "
-            "collapsed onto a data point (e.g. a zero scale or a singular covariance). Add a "
-            "prior or a lower bound on that scale."
+            "collapsed onto a data point (e.g. a zero scale or a singular covariance). Set "
+            "reg_covar > 0 (EM(model, reg_covar=1e-6)), add a prior, or bound that scale below."
         )
     neg_sites = [n for n, t in terms.items() if bool((t == -math.inf).any())]
     return (
         "The log marginal likelihood is -inf: no completion of the latent variables explains "
-        f"the observations under the current parameters (sites with zero density: "
-        f"{_names(neg_sites)}). Check the data against the model's supports and initial values."
+        f"the observations under the current parameters (sites with zero density somewhere: "
+        f"{_names(neg_sites)}). A probability of exactly 0 stays 0 under EM, so data that need "
+        "it are impossible. Check the data against the model's supports and initial values."
+    )
+
+
+def structure(trace: Trace) -> tuple:
+    """What must not change from step to step: each sample site's name, value shape and
+    plates (names and sizes)."""
+    return tuple(
+        (name, tuple(site["value"].shape) if isinstance(site["value"], torch.Tensor) else (),
+         tuple((f.name, f.size) for f in site["cond_indep_stack"]))
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+    )
+
+
+def check_same_structure(before: tuple, after: tuple) -> None:
+    """Raise if the model's trace changed shape between two steps on the same data."""
+    if before == after:
+        return
+    old, new = dict((s[0], s[1:]) for s in before), dict((s[0], s[1:]) for s in after)
+    changed = [n for n in {**old, **new} if old.get(n) != new.get(n)]
+    name = changed[0] if changed else "?"
+    raise RuntimeError(
+        f"The model's structure changed between EM steps on the same data (site '{name}': "
+        f"{old.get(name, 'absent')} became {new.get(name, 'absent')}, as (value shape, plates)). "
+        "EM needs a model whose sites, shapes and plate sizes do not depend on its parameter "
+        "values."
     )
 
 
@@ -80,12 +132,14 @@ def _names(names) -> str:
     return ", ".join(f"'{n}'" for n in names) or "none found"
 
 
-def check_fit_args(max_iter: int, tol: float) -> None:
-    """Validate :meth:`pyro_em.EM.fit` arguments."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+def check_fit_args(max_iter, tol) -> Tuple[int, float]:
+    """Validate :meth:`pyro_em.EM.fit` arguments (any integral / real number type, numpy's
+    included) and return them as ``int`` and ``float``."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}.")
+    return int(max_iter), float(tol)
 
 
 def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
@@ -99,3 +153,49 @@ def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
                 "on a boundary of its constraint that it cannot keep (e.g. a probability of "
                 "exactly 1 in a unit_interval param). Initialize it strictly inside."
             )
+
+
+class _LastSite(Messenger):
+    """Remembers the last site the model reached, for error messages."""
+
+    name = None
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] in ("sample", "param"):
+            self.name = msg["name"]
+
+
+@contextmanager
+def model_errors(args: tuple, kwargs: dict) -> Iterator[None]:
+    """Turn a raw error from inside the model's run (numpy or list data, an empty plate, ...)
+    into a ``ValueError`` naming the last site reached and the likely fix."""
+    last = _LastSite()
+    try:
+        with last:
+            yield
+    except (AttributeError, TypeError, ZeroDivisionError, NotImplementedError, IndexError) as e:
+        where = f"after site '{last.name}'" if last.name else "before its first site"
+        hint = ""
+        if isinstance(e, ZeroDivisionError) and "size cannot be zero" in str(e):
+            hint = " A plate has size 0: are the data empty?"
+        elif any(isinstance(a, (list, tuple)) for a in (*args, *kwargs.values())):
+            hint = " An argument is a list or tuple: pass data as torch tensors (torch.as_tensor(data))."
+        raise ValueError(f"The model raised {type(e).__name__} {where}: {e}.{hint}") from e
+
+
+def explain_log_prob_error(name: str, fn, value, error: Exception) -> str:
+    """A message for a failed ``log_prob``: the first value outside the distribution's support
+    (index and value, not the whole tensor), or the error itself."""
+    try:
+        inside = fn.support.check(value)
+    except Exception:  # shapes that do not even broadcast: the original error says more
+        inside = None
+    if isinstance(inside, torch.Tensor) and not bool(inside.all()):
+        index = tuple(int(i) for i in (~inside).nonzero()[0])
+        bad = value[index] if value.dim() >= len(index) else value
+        return (
+            f"Site '{name}' has the value {bad.tolist()} at index {index}, outside the support "
+            f"{fn.support} of its {type(fn).__name__}. Check the data (e.g. categories must lie "
+            "in 0..K-1)."
+        )
+    return f"Error while computing log_prob at site '{name}': {error}"

@@ -28,7 +28,7 @@ from torch.distributions.utils import lazy_property
 from .estep import EStep, enum_model, trace_model
 from .hmm import forward_backward
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
-from .rules import Rule, UnboundedMAP, UseContext, find_rule
+from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import TrackParams, Tracked, apply_maps, compact, param_dependencies
 
 logger = logging.getLogger("pyro_em")
@@ -309,6 +309,12 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
                 solver_ctx, solver = ctx, use.rule
         try:
             new[name] = apply_maps(maps, solver.solve(stats, old, solver_ctx).to(old.dtype), inverse=True)
+        except Collapse as e:
+            raise ValueError(
+                f"The closed-form update of param '{name}' collapsed at slot(s) {e.slots}: "
+                f"{e.what}. Set reg_covar > 0 (e.g. EM(model, reg_covar=1e-6), as "
+                "scikit-learn's), use fewer components, or put a prior on it."
+            ) from None
         except UnboundedMAP:
             prior = next(u for u in uses if u.arg == "value")
             fn = cache[prior.site][prior.part][0]

@@ -1,18 +1,22 @@
 """The EM driver: SVI's ``step`` / ``evaluate_loss`` shape, plus ``fit`` and ``posterior``."""
 
+import functools
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 import pyro
 import pyro.poutine as poutine
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args, check_params_finite
+from ._validation import check_fit_args, check_params_finite, check_same_structure, model_errors, structure
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, closed_form_update, components, plan_m_step
 from .estep import EStep, e_step, expected_log_joint, trace_model
@@ -24,8 +28,37 @@ from .posterior import site_marginals
 M_STEPS = ("auto", "closed_form", "gradient")
 
 
+def _accepts_numpy(method: Callable) -> Callable:
+    """Let a method take numpy arrays wherever the model takes tensors: each array becomes a
+    tensor sharing its memory (the same tensor for the same array, so plans are reused)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        cache = {}
+
+        def convert(a):
+            if isinstance(a, np.ndarray):
+                cached = self._numpy_tensors.get(id(a))
+                cache[id(a)] = cached if cached is not None and cached[0] is a else (a, torch.as_tensor(a))
+                return cache[id(a)][1]
+            return a
+
+        args = tuple(convert(a) for a in args)
+        kwargs = {k: convert(v) for k, v in kwargs.items()}
+        if cache:
+            self._numpy_tensors = cache
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class ConvergenceWarning(UserWarning):
     """Warned by :meth:`EM.fit` when it stops on ``max_iter`` before reaching ``tol``."""
+
+
+class MStepWarning(UserWarning):
+    """Warned when the gradient M-step could not move params whose gradient is not small; a
+    fit whose last step stalled so is not reported as converged."""
 
 
 @dataclass
@@ -113,7 +146,7 @@ class EM:
     def __init__(
         self,
         model: Callable,
-        *,
+        *guide: Callable,
         m_step: str = "auto",
         optim: Optional[PyroOptim] = None,
         num_steps: Optional[int] = None,
@@ -123,6 +156,12 @@ class EM:
         map_space: str = "constrained",
         reg_covar: float = 0.0,
     ):
+        if guide or isinstance(model, AutoGuide):
+            raise TypeError(
+                "EM takes the model alone, without a guide: EM(model), where SVI took "
+                "SVI(model, guide, optim, TraceEnum_ELBO()). Discrete latents are summed out "
+                "exactly and continuous latent sites are estimated as an AutoDelta guide would."
+            )
         if m_step not in M_STEPS:
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}.")
         if max_plate_nesting is not None and (
@@ -150,10 +189,15 @@ class EM:
         """``model`` with MAP-estimated sites fixed to their values in the param store: a
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
         self._gradient_m_step = GradientMStep(optim, num_steps)
+        self._numpy_tensors: Dict[int, tuple] = {}
+        self._structure: Optional[tuple] = None
+        self.stalled: List[str] = []
+        """Params the last step's gradient M-step could not move although Q's gradient in
+        them is not small (see :class:`MStepWarning`)."""
 
     def _first_available_dim(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
-            with poutine.block():
+            with poutine.block(), model_errors(args, kwargs):
                 trace = poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
             self.max_plate_nesting = max(
                 [
@@ -170,6 +214,7 @@ class EM:
     def _trace(self, args: tuple, kwargs: dict):
         return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs))
 
+    @_accepts_numpy
     def e_step(self, *args: Any, **kwargs: Any) -> EStep:
         """Run the E-step at the current parameters.
 
@@ -179,6 +224,7 @@ class EM:
         first_dim = self._first_available_dim(args, kwargs)
         return e_step(self.fitted_model, args, kwargs, first_dim)
 
+    @_accepts_numpy
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The loss at the current parameters, without updating them.
 
@@ -187,6 +233,7 @@ class EM:
         with _rollback_new_params():
             return -float(self.e_step(*args, **kwargs).log_z)
 
+    @_accepts_numpy
     def step(self, *args: Any, **kwargs: Any) -> float:
         """One EM iteration: an E-step, then an M-step that updates the param store.
 
@@ -196,6 +243,9 @@ class EM:
         :raises ValueError: on bad data or a model with nothing to fit.
         :raises RuntimeError: if the M-step produced non-finite parameter values.
         """
+        store = pyro.get_param_store()
+        if self.plan is not None and any(n not in store for n in [*self.plan.closed_form, *self.plan.gradient]):
+            self.plan = self.fused_chain = None  # the param store was cleared: plan afresh
         if self.fused_chain is not None and self._plan_key == _args_key(args, kwargs):
             return self._fused_step(self.fused_chain)
         with _rollback_new_params():
@@ -212,14 +262,27 @@ class EM:
                 )
             with _m_step_transaction(params):
                 plan = self._get_plan(args, kwargs)
+                if self._structure is None:
+                    self._structure = structure(estep.trace)
+                check_same_structure(self._structure, structure(estep.trace))
                 if plan.closed_form:
                     closed_form_update(plan, estep, self.reg_covar)
                 rest = {name: p for name, p in params.items() if name not in plan.closed_form}
+                self.stalled = []
                 if rest:
-                    self._gradient_m_step(
-                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), list(rest.values())
+                    self.stalled = self._gradient_m_step(
+                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), rest
                     )
                     check_map_bounded(estep.trace, rest, self.map_prefix)
+                    if self.stalled:
+                        warnings.warn(
+                            "The gradient M-step could not increase Q along param(s) "
+                            + ", ".join(f"'{n}'" for n in self.stalled)
+                            + " although its gradient there is not small (the model rejects "
+                            "every nearby value, or Q is not smooth there): they kept their values.",
+                            MStepWarning,
+                            stacklevel=2,
+                        )
         return -float(estep.log_z)
 
     def _fused_step(self, chain: FusedChain) -> float:
@@ -245,6 +308,7 @@ class EM:
             first_dim = self._first_available_dim(args, kwargs)
             tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim)
             self.plan = plan_m_step(tracked, scored, self.m_step)
+            self._structure = None  # taken from the first E-step on these arguments
             self.fused_chain = fuse_chain(tracked, scored, self.plan)
             self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
         return self.plan
@@ -273,9 +337,10 @@ class EM:
         :raises ValueError: if ``max_iter`` or ``tol`` is out of range.
         :warns ConvergenceWarning: if ``max_iter`` iterations ran without converging.
         """
-        check_fit_args(max_iter, tol)
+        max_iter, tol = check_fit_args(max_iter, tol)
         result = EMResult()
-        with tqdm(total=max_iter, disable=not progress, desc="EM") as bar:
+        stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
+        with tqdm(total=max_iter, disable=not progress or stream is None, desc="EM", file=stream) as bar:
             for i in range(max_iter):
                 loss = self.step(*args, **kwargs)
                 result.losses.append(loss)
@@ -284,11 +349,20 @@ class EM:
                 if i > 0:
                     prev = result.losses[-2]
                     if abs(prev - loss) <= tol * max(1.0, abs(prev)):
-                        result.converged = True
+                        # A stalled M-step changes nothing either: that is no convergence.
+                        result.converged = not self.stalled
                         break
                 if callback is not None and callback(i, loss):
                     break
-        if not result.converged and result.n_iter == max_iter:
+        if self.stalled:
+            warnings.warn(
+                "EM stopped without converging: the gradient M-step could not improve param(s) "
+                + ", ".join(f"'{n}'" for n in self.stalled)
+                + " (see MStepWarning).",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        elif not result.converged and result.n_iter == max_iter:
             warnings.warn(
                 f"EM did not converge in max_iter={max_iter} iterations (last relative change "
                 f"above tol={tol:g}); increase max_iter or tol.",
@@ -297,6 +371,7 @@ class EM:
             )
         return result
 
+    @_accepts_numpy
     def posterior(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
         """Posterior marginals of every enumerated latent site at the current parameters.
 

@@ -26,7 +26,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import kernels
-from ._validation import check_enumerated_trace, explain_bad_log_z
+from ._validation import check_enumerated_trace, explain_bad_log_z, explain_log_prob_error, model_errors
 
 
 @dataclass
@@ -65,7 +65,8 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
 
     :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
     """
-    trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
+    with model_errors(args, kwargs):
+        trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
     check_enumerated_trace(trace)
     for name, site in trace.nodes.items():
@@ -75,8 +76,8 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
                 lp = kernels.log_prob(fn, value) if not site["args"] and not site["kwargs"] else (
                     fn.log_prob(value, *site["args"], **site["kwargs"])
                 )
-            except ValueError as e:
-                raise ValueError(f"Error while computing log_prob at site '{name}': {e}") from e
+            except (ValueError, IndexError, RuntimeError) as e:
+                raise ValueError(explain_log_prob_error(name, fn, value, e)) from e
             site["unscaled_log_prob"] = lp
             site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
     trace.pack_tensors()

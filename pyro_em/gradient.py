@@ -1,6 +1,7 @@
 """Gradient M-step: maximize the expected complete-data log likelihood ``Q`` numerically."""
 
-from typing import Callable, List, Optional
+import math
+from typing import Callable, Dict, List, Optional
 
 import torch
 from pyro.optim import PyroOptim
@@ -34,34 +35,42 @@ class GradientMStep:
         self.num_steps = num_steps or (1 if optim is not None else 100)
         self.newton_size = newton_size
 
-    def __call__(self, q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor]) -> None:
+    def __call__(self, q_fn: Callable[[], torch.Tensor], params: Dict[str, torch.Tensor]) -> List[str]:
         """Update ``params`` in place to increase ``q_fn()``.
 
         :param q_fn: evaluates ``Q`` at the current values of ``params``, differentiably.
-        :param params: unconstrained leaf tensors (as kept by Pyro's param store).
+        :param params: name -> unconstrained leaf tensor (as kept by Pyro's param store).
+        :returns: the names of params that could not be moved although ``Q``'s gradient in
+            them is not negligible: a stalled M-step (empty when all is well).
+        :raises ValueError: if ``Q`` has no maximum along some param (a scale collapsing onto a
+            data point), naming it.
         """
         if self.optim is None:
-            self._lbfgs(q_fn, params)
-            return
+            return self._lbfgs(q_fn, params)
         for _ in range(self.num_steps):
             loss = -q_fn()
             loss.backward()
-            self.optim(params)
-            for p in params:
+            self.optim(list(params.values()))
+            for p in params.values():
                 p.grad = None
+        return []
 
-    def _lbfgs(self, q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor]) -> None:
+    def _lbfgs(self, q_fn: Callable[[], torch.Tensor], named: Dict[str, torch.Tensor]) -> List[str]:
+        params = list(named.values())
         start = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            q0 = q_fn()
+        with torch.enable_grad():
+            q0 = q_fn()  # a model that fails at the current values fails here, loudly
+            g0 = _gradient(q0, params)
+        q0 = q0.detach()
         # Work with Q relative to its size so the tolerances do not depend on the data size.
         norm = max(abs(float(q0)), 1.0)
         eps = torch.finfo(params[0].dtype).eps
+        tolerance_grad = eps**0.5 * 1e-2
         optimizer = torch.optim.LBFGS(
             params,
             lr=1.0,
             max_iter=self.num_steps,
-            tolerance_grad=eps**0.5 * 1e-2,
+            tolerance_grad=tolerance_grad,
             tolerance_change=eps * 10,
             history_size=20,
             line_search_fn="strong_wolfe",
@@ -69,26 +78,109 @@ class GradientMStep:
 
         def closure():
             optimizer.zero_grad()
-            try:
-                loss = -q_fn() / norm
-            except ValueError:  # a distribution rejected a trial point (e.g. scale underflow)
-                loss = torch.tensor(float("nan"))
-            if not torch.isfinite(loss):  # infeasible: steer the line search back
-                return loss.detach().new_tensor(float("inf"))
+            loss = _rejecting(lambda: -q_fn() / norm)
+            if not bool(torch.isfinite(loss)):  # infeasible: steer the line search back
+                return torch.tensor(math.inf)
             loss.backward()
             return loss
 
         with torch.enable_grad():
             optimizer.step(closure)
+            q1 = _rejecting(q_fn).detach()
+            if not bool(q1 > q0):  # L-BFGS's line search can stall on rejected trial points
+                _restore(params, start)
+                _backtracking_ascent(q_fn, params, g0)
+                q1 = _rejecting(q_fn).detach()
+            _check_collapse(q_fn, named, start, norm)
             if sum(p.numel() for p in params) <= self.newton_size:
                 _newton_polish(q_fn, params, norm)
-            q1 = q_fn()
+            q1 = _rejecting(q_fn).detach()
         for p in params:
             p.grad = None
         if not bool(q1 >= q0):
+            _restore(params, start)
+            q1 = q0
+        moved = [not torch.equal(p.detach(), p0) for p, p0 in zip(params, start)]
+        steep = [bool((g.abs() / norm > 1e3 * tolerance_grad).any()) for g in g0]
+        return [name for name, m, st in zip(named, moved, steep) if st and not m]
+
+
+def _gradient(q: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    if not q.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(q, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+
+
+def _rejecting(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()``, or NaN where the model rejects the trial point (a distribution's argument
+    check raises ``ValueError``): callers treat a non-finite value as a rejected point."""
+    try:
+        value = fn()
+    except ValueError:
+        return torch.tensor(float("nan"))
+    return value
+
+
+def _restore(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def _backtracking_ascent(q_fn, params: List[torch.Tensor], g0: List[torch.Tensor], max_iter: int = 50) -> None:
+    """Gradient ascent with a backtracking (Armijo) line search: slower than L-BFGS, but a
+    trial point the model rejects only halves the step."""
+    with torch.no_grad():
+        q = _rejecting(q_fn)
+    step = 1.0 / max(1e-300, max(float(g.abs().max()) for g in g0))
+    for _ in range(max_iter):
+        with torch.enable_grad():
+            q_now = q_fn()
+            grads = _gradient(q_now, params)
+        slope = sum(float((g * g).sum()) for g in grads)
+        if slope == 0:
+            return
+        start = [p.detach().clone() for p in params]
+        for _ in range(60):
             with torch.no_grad():
-                for p, p0 in zip(params, start):
-                    p.copy_(p0)
+                for p, p0, g in zip(params, start, grads):
+                    p.copy_(p0 + step * g)
+                q_new = _rejecting(q_fn)
+            if bool(torch.isfinite(q_new)) and float(q_new) >= float(q) + 1e-4 * step * slope:
+                break
+            step /= 2
+        else:
+            _restore(params, start)
+            return
+        if float(q_new) - float(q) <= 1e-15 * max(1.0, abs(float(q))):
+            return
+        q, step = q_new, step * 2
+
+
+def _check_collapse(q_fn, named: Dict[str, torch.Tensor], start: List[torch.Tensor], norm: float) -> None:
+    """Raise if ``Q`` grows without bound as params run off towards a boundary of their
+    constraint: elements whose unconstrained value fell by more than 20 (a factor e^20 for a
+    positive param) while ``Q``'s gradient still pulls them on, as when a scale collapses onto
+    a data point."""
+    params = list(named.values())
+    with torch.enable_grad():
+        q = _rejecting(q_fn)
+        if not bool(torch.isfinite(q)):
+            grads = [torch.full_like(p, -math.inf) for p in params]
+        else:
+            grads = _gradient(q, params)
+    for (name, p), p0, g in zip(named.items(), start, grads):
+        fell = (p.detach() - p0 < -20) & ((g / norm < -1e-8) | ~torch.isfinite(g))
+        if bool(fell.any()):
+            slots = fell.reshape(-1).nonzero().reshape(-1).tolist()
+            raise ValueError(
+                f"The gradient M-step found no maximum: param '{name}' (slot(s) {slots}) keeps "
+                "falling towards the boundary of its constraint, e.g. a scale collapsing onto "
+                "a data point, where the likelihood is unbounded. Put a prior or a lower bound "
+                "on it, use fewer components, or write it so that it takes the closed form and "
+                "set reg_covar > 0."
+            )
 
 
 def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, max_steps: int = 8) -> None:
@@ -121,7 +213,10 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
         ]
         # -H is positive semi-definite at a maximum; its null space (a softmax's shift
         # invariance) is orthogonal to the gradient, so the pseudo-inverse gives the step.
-        evals, evecs = torch.linalg.eigh(-torch.stack(rows).detach())
+        neg_hessian = -torch.stack(rows).detach()
+        if not bool(torch.isfinite(neg_hessian).all()):
+            return
+        evals, evecs = torch.linalg.eigh(neg_hessian)
         top = float(evals.abs().max())
         if top == 0 or float(evals.min()) < -1e-8 * top:
             return
@@ -133,7 +228,7 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
             for p in params:
                 p.add_(step[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
-            q_new = q_fn() / norm
+            q_new = _rejecting(q_fn) / norm
         q = q.detach()
         if not bool(q_new >= q - 4 * eps * max(1.0, abs(float(q)))):
             with torch.no_grad():

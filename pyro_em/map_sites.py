@@ -86,7 +86,7 @@ class MapMessenger(Messenger):
             return
         value = pyro.param(
             f"{self.prefix}.{msg['name']}",
-            lambda: self.init_loc_fn(msg).detach(),
+            lambda: self._init(msg),
             constraint=fn.support,
             event_dim=fn.event_dim,
         )
@@ -95,6 +95,20 @@ class MapMessenger(Messenger):
         msg["value"] = value
         msg["is_observed"] = True
         msg["infer"][MAP_FLAG] = True
+
+    def _init(self, msg) -> torch.Tensor:
+        try:
+            return self.init_loc_fn(msg).detach()
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            raise ValueError(_init_error(msg["name"], e)) from e
+
+
+def _init_error(site: str, error: Exception) -> str:
+    return (
+        f"The MAP value of site '{site}' could not be initialized by init_loc_fn ({error}). Pass "
+        f"EM(model, init_loc_fn=init_to_value(values={{'{site}': ...}})) or give the site a "
+        "prior that can be sampled."
+    )
 
 
 def unbounded_prior_message(site: str, prior: str, param: str) -> str:

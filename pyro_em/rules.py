@@ -89,6 +89,19 @@ class UseContext:
         return summed.new_zeros(self.numel).index_add_(0, ids, summed)
 
 
+    def pool_at(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Expected counts: add ``weight`` into the slot of category ``value`` along the
+        argument's last dim (its categories), with no one-hot tensor (K may be large)."""
+        K = self.ids.shape[-1]
+        value = value.long()
+        batch = torch.broadcast_shapes(self.ids.shape[:-1], value.shape)
+        slots = self.ids.expand(batch + (K,)).gather(-1, value.expand(batch).unsqueeze(-1)).squeeze(-1)
+        slots, weight = torch.broadcast_tensors(slots, weight)
+        slots, weight = slots.reshape(-1), weight.reshape(-1)
+        keep = slots >= 0  # constant elements (id -1) belong to no param slot
+        return weight.new_zeros(self.numel).index_add_(0, slots[keep], weight[keep])
+
+
 _LETTERS = string.ascii_letters
 
 
@@ -179,6 +192,15 @@ class UnboundedMAP(ValueError):
     outweigh the data: the MAP objective grows without bound towards the boundary."""
 
 
+class Collapse(ValueError):
+    """Raised by :meth:`Rule.solve` when a component collapsed: a variance or covariance with
+    posterior weight came out zero or singular. ``slots`` are the flat param slots."""
+
+    def __init__(self, what: str, slots):
+        super().__init__(what)
+        self.what, self.slots = what, [int(i) for i in slots]
+
+
 def check_bounded(counts: torch.Tensor) -> torch.Tensor:
     """``counts`` (data plus prior pseudo-counts) with round-off below zero set to zero.
 
@@ -200,9 +222,7 @@ class CategoricalRule(Rule):
     kind = "categorical"
 
     def summarize(self, ctx):
-        K = ctx.fn._num_events
-        onehot = ctx.value.long().unsqueeze(-1) == torch.arange(K, device=ctx.value.device)
-        return {"counts": ctx.pool(ctx.weight.unsqueeze(-1), onehot.to(ctx.weight.dtype))}
+        return {"counts": ctx.pool_at(ctx.weight, ctx.value)}
 
     def solve(self, stats, old, ctx):
         counts = check_bounded(_slots(stats["counts"], old))
@@ -490,7 +510,12 @@ class NormalScaleRule(Rule):
 
     def solve(self, stats, old, ctx):
         w = _slots(stats["w"], old)
-        return keep_old(old, (_ratio(_slots(stats["ss"], old), w) + ctx.reg_covar).sqrt(), w)
+        var = _ratio(_slots(stats["ss"], old), w) + ctx.reg_covar
+        tiny = torch.finfo(var.dtype).tiny
+        collapsed = (var.sqrt() <= tiny) & (w > 0)
+        if bool(collapsed.any()):
+            raise Collapse("a variance is zero (a component collapsed onto one point)", collapsed.reshape(-1).nonzero().reshape(-1))
+        return keep_old(old, var.sqrt(), w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,10 +599,9 @@ class _CovarianceRule(Rule):
         L, info = torch.linalg.cholesky_ex(cov)
         bad = (info > 0) & (W.reshape(info.shape) > 0)
         if bool(bad.any()):
-            raise ValueError(
-                "A covariance update is not positive definite (a component collapsed onto "
-                "fewer than D + 1 points); set reg_covar > 0, use fewer components, or put a "
-                "prior on the covariance."
+            raise Collapse(
+                "a covariance is not positive definite (a component collapsed onto fewer than "
+                "D + 1 points)", bad.reshape(-1).nonzero().reshape(-1)
             )
         if ctx.arg == "scale_tril":
             new = L

@@ -41,7 +41,8 @@ def test_sequential_enumeration_mark_is_refused():
     def model(data):
         w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
         with pyro.plate("data", len(data)):
-            pyro.sample("z", dist.Categorical(w), infer={"enumerate": "sequential"})
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "sequential"})
+            pyro.sample("x", dist.Normal(z.double(), 1.0), obs=data)
 
     with pytest.raises(ValueError, match="Latent site 'z' is marked.*'sequential'.*parallel"):
         EM(model).step(torch.zeros(3))
