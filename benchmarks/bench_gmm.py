@@ -16,12 +16,9 @@ Needs scikit-learn; pomegranate is timed when installed (``pip install -e ".[ben
 """
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
-import threading
-import time
 import warnings
 
 import numpy as np
@@ -31,7 +28,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch.distributions import constraints
 
-from _timing import best_time
+from _timing import best_time, peak_extra_memory
 from pyro_em import EM
 
 
@@ -49,31 +46,6 @@ def make_model(N, D, K, init):
             pyro.sample("x", dist.MultivariateNormal(locs[z], scale_tril=scale_tril[z]), obs=data)
 
     return model
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_extra_memory(fn) -> int:
-    """Peak resident memory above the level before ``fn`` runs, sampled every millisecond."""
-    gc.collect()
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        watcher.join()
-    return max(peak[0], _rss()) - base
 
 
 def pomegranate_iteration(X, init, m, repeat):

@@ -27,6 +27,7 @@ from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
 from .hmm import forward_backward
+from ._validation import model_errors
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import TrackParams, Tracked, apply_maps, compact, param_dependencies
@@ -154,12 +155,32 @@ def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
 
 
 def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_dim: int) -> Tuple[Trace, Trace]:
-    """The two traces a plan is made from, under autograd: ``tracked``, whose param values are
-    :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log densities."""
-    with torch.enable_grad():
+    """The two traces a plan is made from: ``tracked``, run under autograd with param values
+    :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log-density *shapes* (no
+    log density is computed, so planning costs no more memory than running the model)."""
+    with torch.enable_grad(), model_errors(args, kwargs):
         tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
-        scored = trace_model(model, args, kwargs, first_available_dim)
+    with torch.no_grad():
+        scored = trace_model(model, args, kwargs, first_available_dim, shapes_only=True)
     return prune_subsample_sites(tracked), scored
+
+
+def _reachable_tensors(obj, seen=None):
+    """Every tensor a distribution holds: its arguments, those of the distributions and
+    transforms it wraps (``base_dist``, a DiscreteHMM's observations, a mixture's components),
+    masks included. A param reaches the log density only through these."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _reachable_tensors(item, seen)
+    elif isinstance(obj, (td.Distribution, td.Transform)):
+        for value in vars(obj).values():
+            yield from _reachable_tensors(value, seen)
 
 
 def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
@@ -207,7 +228,10 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                 else:
                     uses[t.param_name].append(Use(site_name, part, arg, ids, rule, jacobian=jacobian, maps=t.maps))
         # A param may also reach the log density along a path no argument shows.
-        for p in param_dependencies(scored.nodes[site_name]["log_prob"], leaves) - direct:
+        reached = set()
+        for t in _reachable_tensors([site["fn"], site["value"]]):
+            reached |= param_dependencies(t, leaves)
+        for p in reached - direct:
             reasons.setdefault(p, f"enters site '{site_name}' through a computation")
 
     for name in names:

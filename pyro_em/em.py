@@ -1,6 +1,7 @@
 """The EM driver: SVI's ``step`` / ``evaluate_loss`` shape, plus ``fit`` and ``posterior``."""
 
 import functools
+import gc
 import sys
 import warnings
 from contextlib import contextmanager
@@ -19,13 +20,14 @@ from tqdm.auto import tqdm
 from ._validation import check_fit_args, check_params_finite, check_same_structure, model_errors, structure
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, closed_form_update, components, plan_m_step
-from .estep import EStep, e_step, expected_log_joint, trace_model
+from .estep import EStep, e_step, enum_model, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .hmm import hmm_log_prob
 from .map_sites import MapMessenger, check_map_bounded
 from .posterior import site_marginals
 
 M_STEPS = ("auto", "closed_form", "gradient")
+_PROBE_DIMS = 16  # enumeration dims for the plate-nesting probe start this far left
 
 
 def _accepts_numpy(method: Callable) -> Callable:
@@ -197,8 +199,7 @@ class EM:
 
     def _first_available_dim(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
-            with poutine.block(), model_errors(args, kwargs):
-                trace = poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
+            trace = self._probe_trace(args, kwargs)
             self.max_plate_nesting = max(
                 [
                     -f.dim
@@ -210,6 +211,16 @@ class EM:
                 default=0,
             )
         return -self.max_plate_nesting - 1
+
+    def _probe_trace(self, args: tuple, kwargs: dict):
+        """A trace that shows the model's plates, as cheap as a trace can be: latents are
+        enumerated on dims far to the left (so ``locs[z]`` is K rows, not one per datum), with
+        no autograd. A model that resists that is traced with sampled latents instead."""
+        with poutine.block(), torch.no_grad(), model_errors(args, kwargs):
+            try:
+                return poutine.trace(enum_model(self.fitted_model, -_PROBE_DIMS)).get_trace(*args, **kwargs)
+            except (ValueError, RuntimeError, IndexError):
+                return poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
 
     def _trace(self, args: tuple, kwargs: dict):
         return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs))
@@ -246,9 +257,12 @@ class EM:
         store = pyro.get_param_store()
         if self.plan is not None and any(n not in store for n in [*self.plan.closed_form, *self.plan.gradient]):
             self.plan = self.fused_chain = None  # the param store was cleared: plan afresh
-        if self.fused_chain is not None and self._plan_key == _args_key(args, kwargs):
-            return self._fused_step(self.fused_chain)
         with _rollback_new_params():
+            # Plan first (cheap: no log density is computed), so that a chain recognized as a
+            # DiscreteHMM takes the fused path from its very first step.
+            plan = self._get_plan(args, kwargs)
+            if self.fused_chain is not None:
+                return self._fused_step(self.fused_chain)
             estep = self.e_step(*args, **kwargs)
             params = {
                 name: site["value"].unconstrained()
@@ -261,7 +275,6 @@ class EM:
                     "there is nothing for EM to fit."
                 )
             with _m_step_transaction(params):
-                plan = self._get_plan(args, kwargs)
                 if self._structure is None:
                     self._structure = structure(estep.trace)
                 check_same_structure(self._structure, structure(estep.trace))
@@ -311,6 +324,8 @@ class EM:
             self._structure = None  # taken from the first E-step on these arguments
             self.fused_chain = fuse_chain(tracked, scored, self.plan)
             self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
+            del tracked, scored
+            gc.collect()  # the analysis traces hold reference cycles: free them before the step
         return self.plan
 
     def fit(

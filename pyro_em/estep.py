@@ -60,9 +60,11 @@ def enum_model(model: Callable, first_available_dim: int) -> Callable:
     return poutine.enum(config_enumerate(model, default="parallel"), first_available_dim)
 
 
-def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int) -> Trace:
+def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, shapes_only: bool = False) -> Trace:
     """Trace ``model`` with parallel enumeration and compute packed log densities.
 
+    :param shapes_only: give each site a log density of the right shape made of zeros (a
+        broadcast view: no memory, no work), for analyses that need the trace's structure only.
     :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
     """
     with model_errors(args, kwargs):
@@ -72,6 +74,10 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
             fn, value = site["fn"], site["value"]
+            if shapes_only:
+                shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
+                site["unscaled_log_prob"] = site["log_prob"] = value.new_zeros((), dtype=torch.get_default_dtype()).expand(shape)
+                continue
             try:
                 lp = kernels.log_prob(fn, value) if not site["args"] and not site["kwargs"] else (
                     fn.log_prob(value, *site["args"], **site["kwargs"])
