@@ -269,3 +269,52 @@ def test_a_latent_with_many_categories_pools_without_a_one_hot():
     losses = [em.step(torch.randn(10, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
     assert losses[1] <= losses[0]
     torch.testing.assert_close(pyro.param("probs").sum(), torch.tensor(1.0))
+
+
+# ---- 12. planning costs no more memory than a step -------------------------------------------
+
+
+def test_planning_computes_no_log_density_under_autograd(monkeypatch):
+    """The first step of a DiscreteHMM model once ran Pyro's parallel-scan log_prob under
+    autograd to plan (14.8 GiB at K=64, 100 x 1000): planning now reads shapes and the
+    distributions' tensors only."""
+    calls = []
+    original = dist.DiscreteHMM.log_prob
+
+    def spy(self, value):
+        calls.append(torch.is_grad_enabled())
+        return original(self, value)
+
+    monkeypatch.setattr(dist.DiscreteHMM, "log_prob", spy)
+    K, T = 3, 20
+
+    def model(X):
+        start = pyro.param("start", torch.ones(K) / K, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.full((K, K), 1.0 / K) + 0.1 * torch.eye(K), constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.arange(K) * 1.0)
+        with pyro.plate("seqs", X.shape[0]):
+            pyro.sample("x", dist.DiscreteHMM(start.log(), trans.log(), dist.Normal(locs, 1.0)), obs=X)
+
+    EM(model).step(torch.randn(4, T))
+    assert not any(calls)
+
+
+def test_a_markov_chain_is_fused_from_its_first_step(monkeypatch):
+    """The plan comes first, so a recognized pyro.markov chain never takes the traced E-step
+    (whose memory grows with every time step's factors)."""
+    calls = []
+    monkeypatch.setattr("pyro_em.em.e_step", lambda *a, **k: calls.append(1) / 0)
+
+    def hmm(X):
+        start = pyro.param("start", torch.ones(2) / 2, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+        emit = pyro.param("emit", torch.tensor([[0.9, 0.1], [0.2, 0.8]]), constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0]):
+            z = None
+            for t in pyro.markov(range(X.shape[1])):
+                z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+    em = EM(hmm)
+    em.step(torch.randint(2, (3, 50), generator=torch.Generator().manual_seed(0)))
+    assert em.fused_chain is not None and not calls
