@@ -285,6 +285,17 @@ def _incompatible(uses: List[Use]) -> Optional[str]:
     return None
 
 
+def check_hard_em(trace: Trace) -> None:
+    """Hard EM needs every latent summed out by the contraction: a DiscreteHMM site sums its
+    own chain out by forward-backward, which has no max-product form here."""
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and isinstance(unwrap(site["fn"], site["value"], None)[0], DiscreteHMM):
+            raise ValueError(
+                f"temperature=0 (hard EM) is not available for the DiscreteHMM site '{name}': "
+                "write the chain with pyro.markov, which hard EM fits by Viterbi training."
+            )
+
+
 def estep_parts(estep: EStep) -> Callable[[str], Dict[str, tuple]]:
     """Each site's :func:`components`, weighted by the posterior of ``estep``."""
     trace = estep.trace

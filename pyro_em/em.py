@@ -2,6 +2,7 @@
 
 import functools
 import gc
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -19,11 +20,12 @@ from tqdm.auto import tqdm
 
 from ._validation import check_fit_args, check_params_finite, check_same_structure, model_errors, structure
 from .chain import FusedChain, fuse_chain
-from .closed_form import MStepPlan, analysis_traces, closed_form_update, components, plan_m_step
+from .closed_form import MStepPlan, analysis_traces, check_hard_em, closed_form_update, components, plan_m_step
 from .estep import EStep, e_step, enum_model, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .hmm import hmm_log_prob
 from .map_sites import MapMessenger, check_map_bounded
+from . import selection
 from .posterior import site_marginals
 
 M_STEPS = ("auto", "closed_form", "gradient")
@@ -129,6 +131,12 @@ class EM:
     :param reg_covar: non-negative number added to every variance and covariance diagonal by
         the closed-form updates (scikit-learn's ``reg_covar``; default 0, plain maximum
         likelihood).
+    :param temperature: ``1`` (the default) for EM: the E-step weighs every completion of the
+        latents by its posterior probability. ``0`` for hard EM: the E-step takes the joint
+        MAP completion alone (a max-product contraction, as ``infer_discrete(temperature=0)``;
+        Viterbi training for a ``pyro.markov`` chain), the M-step is unchanged, and the loss is
+        minus the log joint density of that completion. With fixed equal weights and one fixed
+        spherical scale this is Lloyd's k-means.
 
     Example::
 
@@ -157,6 +165,7 @@ class EM:
         map_prefix: str = "AutoDelta",
         map_space: str = "constrained",
         reg_covar: float = 0.0,
+        temperature: int = 1,
     ):
         if guide or isinstance(model, AutoGuide):
             raise TypeError(
@@ -175,6 +184,9 @@ class EM:
             )
         if not isinstance(reg_covar, (int, float)) or isinstance(reg_covar, bool) or not reg_covar >= 0:
             raise ValueError(f"reg_covar must be a number >= 0, got {reg_covar!r}.")
+        if temperature not in (0, 1) or isinstance(temperature, bool):
+            raise ValueError(f"temperature must be 1 (EM) or 0 (hard EM), got {temperature!r}.")
+        self.temperature = temperature
         self.model = model
         self.reg_covar = float(reg_covar)
         self.plan: Optional[MStepPlan] = None
@@ -233,7 +245,7 @@ class EM:
             weights.
         """
         first_dim = self._first_available_dim(args, kwargs)
-        return e_step(self.fitted_model, args, kwargs, first_dim)
+        return e_step(self.fitted_model, args, kwargs, first_dim, self.temperature)
 
     @_accepts_numpy
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
@@ -322,7 +334,9 @@ class EM:
             tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim)
             self.plan = plan_m_step(tracked, scored, self.m_step)
             self._structure = None  # taken from the first E-step on these arguments
-            self.fused_chain = fuse_chain(tracked, scored, self.plan)
+            if self.temperature == 0:
+                check_hard_em(tracked)
+            self.fused_chain = fuse_chain(tracked, scored, self.plan) if self.temperature == 1 else None
             self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
             del tracked, scored
             gc.collect()  # the analysis traces hold reference cycles: free them before the step
@@ -397,6 +411,65 @@ class EM:
         with _rollback_new_params():
             estep = self.e_step(*args, **kwargs)
         return site_marginals(estep, self.max_plate_nesting)
+
+
+    @_accepts_numpy
+    def log_likelihood(self, *args: Any, **kwargs: Any) -> float:
+        """The log marginal likelihood of the observations at the current params, every
+        discrete latent summed out, without the MAP sites' log prior.
+
+        :returns: ``log p(data | params)``, summed over the data (scaled as the model says).
+        """
+        estep = self._e_step_at(1, args, kwargs)
+        return float(estep.log_z) - selection.map_prior_log_density(estep)
+
+    @_accepts_numpy
+    def bic(self, *args: Any, n: Optional[int] = None, **kwargs: Any) -> float:
+        """Bayesian information criterion, ``-2 log_likelihood + p log n`` (lower is better),
+        as scikit-learn's ``GaussianMixture.bic`` and hmmlearn's ``bic``.
+
+        :param n: the number of observations; by default every unmasked batch element of the
+            observed sites (a DiscreteHMM's steps each count), as those libraries count samples.
+        :returns: the criterion; ``p`` counts the free parameters of every param and MAP site
+            (see :mod:`pyro_em.selection`).
+        """
+        estep = self._e_step_at(1, args, kwargs)
+        n = selection.count_observations(estep) if n is None else n
+        return -2 * self.log_likelihood(*args, **kwargs) + self._free_parameters(estep) * math.log(n)
+
+    @_accepts_numpy
+    def aic(self, *args: Any, **kwargs: Any) -> float:
+        """Akaike information criterion, ``-2 log_likelihood + 2 p`` (lower is better).
+
+        :returns: the criterion, with ``p`` as in :meth:`bic`.
+        """
+        estep = self._e_step_at(1, args, kwargs)
+        return -2 * self.log_likelihood(*args, **kwargs) + 2 * self._free_parameters(estep)
+
+    @_accepts_numpy
+    def decode(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
+        """The joint MAP value of every discrete latent (a max-product contraction, as
+        ``infer_discrete(temperature=0)``; Viterbi for a ``pyro.markov`` chain) and the Viterbi
+        path of every ``DiscreteHMM`` site, at the current params.
+
+        :returns: ``{site: value}``: each enumerated site's value with its plate shape (values
+            as ``enumerate_support`` gives them; arbitrary where the site is masked out), and a
+            DiscreteHMM site's ``(..., T)`` state path.
+
+        Example::
+
+            states = em.decode(data)["z"]      # (N,) most likely component of each datum
+        """
+        return selection.decode(self._e_step_at(0, args, kwargs), self.max_plate_nesting)
+
+    def _e_step_at(self, temperature: int, args: tuple, kwargs: dict) -> EStep:
+        with _rollback_new_params():
+            first_dim = self._first_available_dim(args, kwargs)
+            return e_step(self.fitted_model, args, kwargs, first_dim, temperature)
+
+    def _free_parameters(self, estep: EStep) -> int:
+        names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
+        return selection.count_free_parameters(pyro.get_param_store(), names)
 
 
 def _args_key(args: tuple, kwargs: dict) -> tuple:

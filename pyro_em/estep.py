@@ -22,6 +22,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import config_enumerate
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
+from pyro.ops.rings import MapRing
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
@@ -145,11 +146,14 @@ def _scaled(term: torch.Tensor, scale, what: str) -> torch.Tensor:
     return term * align(scale, term._pyro_dims)
 
 
-def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Any]:
+def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor], temperature: int = 1) -> Tuple[torch.Tensor, Any]:
     """Sum out every enumerated latent: ``log Z`` as a differentiable function of ``terms``.
 
     :param trace: a trace from :func:`trace_model`, giving each site's plates, mask and scale.
     :param terms: packed unscaled log density of each sample site (e.g. :func:`site_terms`).
+    :param temperature: 1 to sum over the latents' values (log-sum-exp); 0 to maximize
+        (max-product, Pyro's :class:`~pyro.ops.rings.MapRing`): the log density of the joint
+        MAP completion, whose gradient is the indicator of that completion (hard EM).
     :returns: ``(log_z, scale)``, the 0-dim log marginal likelihood and the common scale of the
         sites that depend on enumerated latents (a number, or a packed tensor of per-datum
         weights).
@@ -180,7 +184,7 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor]) -> Tuple[torch
     scale = _common_scale(trace, names)
     if tree:
         tree = OrderedDict((o, [t for _, t in ts]) for o, ts in tree.items())
-        contracted = contract_tensor_tree(tree, sum_dims)
+        contracted = contract_tensor_tree(tree, sum_dims, ring=MapRing() if temperature == 0 else None)
         what = "sites " + ", ".join(f"'{n}'" for n in names)
         sums.append(_total(_scaled(t, scale, what).sum() for ts in contracted.values() for t in ts))
     return _total(sums), scale
@@ -238,7 +242,7 @@ def align(tensor: torch.Tensor, dims: str) -> torch.Tensor:
     return tensor.permute(order).reshape(tuple(sizes.get(d, 1) for d in dims))
 
 
-def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int) -> EStep:
+def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int, temperature: int = 1) -> EStep:
     """Run the E-step: ``log Z`` and the posterior weight of every factor of ``model``.
 
     :param model: a Pyro model (MAP sites already replaced by params, see
@@ -246,6 +250,8 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     :param args: positional arguments of the model.
     :param kwargs: keyword arguments of the model.
     :param first_available_dim: the first dim free for enumeration, ``-max_plate_nesting - 1``.
+    :param temperature: 1 for posterior marginals (EM); 0 for the indicator of the joint MAP
+        completion of the latents (hard EM, as k-means), ``log_z`` then being its log density.
     :returns: an :class:`EStep`.
     :raises ValueError: if the data are impossible (``log Z = -inf``) or a log density is NaN.
     """
@@ -253,7 +259,7 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
         trace = trace_model(model, args, kwargs, first_available_dim)
     leaves = OrderedDict((name, _leaf(t, trace.nodes[name])) for name, t in site_terms(trace).items())
     with torch.enable_grad():
-        log_z, scale = log_marginal(trace, leaves)
+        log_z, scale = log_marginal(trace, leaves, temperature)
         if not torch.isfinite(log_z):
             raise ValueError(explain_bad_log_z(trace, leaves, log_z))
         if log_z.requires_grad:

@@ -11,12 +11,14 @@ from .estep import EStep, align, enum_symbols
 from .hmm import forward_backward
 
 
-def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tensor]:
+def site_marginals(estep: EStep, max_plate_nesting: int, smooth_hmm: bool = True) -> Dict[str, torch.Tensor]:
     """The posterior marginal ``p(z | x)`` of every enumerated latent site, and the smoothed
     state marginals ``(..., T, K)`` of every :class:`~pyro.distributions.DiscreteHMM` site.
 
     :param estep: the result of :func:`~pyro_em.estep.e_step`.
     :param max_plate_nesting: the model's plate nesting, as used in the E-step.
+    :param smooth_hmm: include the DiscreteHMM sites' smoothed marginals (a forward-backward
+        pass each).
     :returns: ``{name: probs}`` where ``probs`` has the site's plate dims (as a batch shape
         would) followed by one dim over the site's values, in the order of
         ``site["fn"].enumerate_support()``; each row sums to one, except where the site is
@@ -30,7 +32,8 @@ def site_marginals(estep: EStep, max_plate_nesting: int) -> Dict[str, torch.Tens
             continue
         fn, value, _ = unwrap(site["fn"], site["value"], None)
         if isinstance(fn, DiscreteHMM):
-            marginals[name] = forward_backward(fn, value).observation
+            if smooth_hmm:
+                marginals[name] = forward_backward(fn, value).observation
             continue
         if "_enumerate_symbol" not in site["infer"]:
             continue
