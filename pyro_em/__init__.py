@@ -4,12 +4,15 @@ from .closed_form import MStepPlan
 from .em import EM, ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
+from .restarts import CollapseWarning
 from .rules import Rule, UseContext, register_m_step
+from . import init
 
 __all__ = [
     "EM",
     "EMResult",
     "ConvergenceWarning",
+    "CollapseWarning",
     "MStepWarning",
     "EStep",
     "e_step",

@@ -25,7 +25,7 @@ from .estep import EStep, e_step, enum_model, expected_log_joint, trace_model
 from .gradient import GradientMStep
 from .hmm import hmm_log_prob
 from .map_sites import MapMessenger, check_map_bounded
-from . import selection
+from . import restarts, selection
 from .posterior import site_marginals
 
 M_STEPS = ("auto", "closed_form", "gradient")
@@ -76,6 +76,10 @@ class EMResult:
 
     losses: List[float] = field(default_factory=list)
     converged: bool = False
+    run_losses: Optional[List[float]] = None
+    """With restarts, the final loss of every run (``inf`` for a run that failed)."""
+    best_run: Optional[int] = None
+    """With restarts, the index of the run kept in the param store."""
 
     @property
     def n_iter(self) -> int:
@@ -349,9 +353,12 @@ class EM:
         tol: float = 1e-6,
         progress: bool = False,
         callback: Optional[Callable[[int, float], Optional[bool]]] = None,
+        n_init: int = 1,
+        init: Optional[Callable] = None,
         **kwargs: Any,
     ) -> EMResult:
-        """Run :meth:`step` until the loss stops improving.
+        """Run :meth:`step` until the loss stops improving; with ``n_init > 1``, from several
+        starts, keeping the best.
 
         Convergence is declared when the loss changes by at most ``tol`` relative to its
         magnitude, ``|loss[i-1] - loss[i]| <= tol * max(1, |loss[i-1]|)``, so ``tol`` does not
@@ -362,11 +369,35 @@ class EM:
         :param progress: show a tqdm progress bar with the loss.
         :param callback: called as ``callback(iteration, loss)`` after each step; returning
             ``True`` stops the loop.
-        :returns: an :class:`EMResult`.
-        :raises ValueError: if ``max_iter`` or ``tol`` is out of range.
+        :param n_init: number of runs (restarts). Each run starts with the model's params
+            (MAP values included) removed from the param store, so they are initialized anew
+            by the model (and ``init_loc_fn``); the run with the lowest final loss is kept in
+            the store. Reproducible under :func:`pyro.set_rng_seed`.
+        :param init: ``init(*args, **kwargs)``, called at the start of each run (it may set
+            params with ``pyro.param``; see :mod:`pyro_em.init`). Given alone, one run.
+        :returns: an :class:`EMResult` (of the best run, with ``run_losses`` and ``best_run``
+            when restarting).
+        :raises ValueError: if ``max_iter``, ``tol`` or ``n_init`` is out of range.
         :warns ConvergenceWarning: if ``max_iter`` iterations ran without converging.
+        :warns CollapseWarning: if a mixture weight went to 0 or a variance to the
+            ``reg_covar`` floor.
+
+        Example::
+
+            result = em.fit(data, n_init=5, init=lambda data: pyro.param(
+                "locs", pyro_em.init.kmeans_plusplus(data, 3)))
+            print(result.run_losses, result.best_run)
         """
         max_iter, tol = check_fit_args(max_iter, tol)
+        fit_kwargs = dict(max_iter=max_iter, tol=tol, progress=progress, callback=callback)
+        if n_init != 1 or init is not None:
+            result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
+        else:
+            result = self._fit_once(args, kwargs, **fit_kwargs)
+        restarts.warn_collapsed([*self.plan.closed_form, *self.plan.gradient] if self.plan else [], self.reg_covar)
+        return result
+
+    def _fit_once(self, args: tuple, kwargs: dict, max_iter: int, tol: float, progress: bool, callback) -> EMResult:
         result = EMResult()
         stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
         with tqdm(total=max_iter, disable=not progress or stream is None, desc="EM", file=stream) as bar:
@@ -389,14 +420,14 @@ class EM:
                 + ", ".join(f"'{n}'" for n in self.stalled)
                 + " (see MStepWarning).",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         elif not result.converged and result.n_iter == max_iter:
             warnings.warn(
                 f"EM did not converge in max_iter={max_iter} iterations (last relative change "
                 f"above tol={tol:g}); increase max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return result
 
