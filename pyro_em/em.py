@@ -404,16 +404,20 @@ class EM:
             for i in range(max_iter):
                 loss = self.step(*args, **kwargs)
                 result.losses.append(loss)
+                change = abs(result.losses[-2] - loss) / max(1.0, abs(result.losses[-2])) if i else math.inf
+                bar.set_postfix(loss=f"{loss:.6g}", rel_change=f"{change:.2g}", refresh=False)
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.6g}")
-                if i > 0:
-                    prev = result.losses[-2]
-                    if abs(prev - loss) <= tol * max(1.0, abs(prev)):
-                        # A stalled M-step changes nothing either: that is no convergence.
-                        result.converged = not self.stalled
-                        break
+                if i == 0 and not bar.disable:  # the first step also plans: rate from the second on
+                    bar.start_t = bar._time()
+                if change <= tol:
+                    # A stalled M-step changes nothing either: that is no convergence.
+                    result.converged = not self.stalled
+                    break
                 if callback is not None and callback(i, loss):
                     break
+            if result.n_iter < max_iter and not bar.disable:  # stopped early: show it complete
+                bar.total = result.n_iter
+                bar.refresh()
         if self.stalled:
             warnings.warn(
                 "EM stopped without converging: the gradient M-step could not improve param(s) "

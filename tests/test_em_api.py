@@ -117,3 +117,12 @@ def test_obs_mask_missing_discrete_observations_are_summed_out():
     post = em.posterior()["b_unobserved"]
     torch.testing.assert_close(post[~observed], cpt[a_data][~observed])
     assert not bool(post[observed].any())
+
+
+def test_progress_bar_ends_complete_at_convergence(capsys):
+    result = EM(mixture).fit(make_data(), max_iter=500, tol=1e-6, progress=True)
+    assert result.converged and result.n_iter < 500
+    err = capsys.readouterr().err
+    final = err.strip().split("\r")[-1]
+    assert f"{result.n_iter}/{result.n_iter}" in final and "100%" in final
+    assert "rel_change=" in final
