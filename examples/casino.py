@@ -75,13 +75,16 @@ def main(n: int = 5000, plot: str = "") -> None:
         import matplotlib.pyplot as plt
 
         shown = slice(0, min(n, 600))
-        fig, ax = plt.subplots(figsize=(9, 3))
-        ax.fill_between(range(shown.stop), dice[shown].numpy(), step="mid", color="lightgrey", label="loaded die in use")
-        ax.plot(p_loaded[shown].numpy(), color="crimson", label="P(loaded | all rolls)")
+        fig, ax = plt.subplots(figsize=(9, 3.4))
+        ax.fill_between(range(shown.stop), dice[shown].numpy(), step="mid", color="lightgrey", label="loaded die truly in use")
+        ax.plot(p_loaded[shown].numpy(), color="crimson", label="EM's posterior P(loaded | all rolls)")
         ax.set_xlabel("roll")
+        ax.set_ylabel("probability")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(loc="upper right")
-        ax.set_title("The occasionally dishonest casino: posterior of the loaded die")
+        # Legend above the axes, clear of the curve.
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+        ax.set_title("The dishonest casino: Baum-Welch recovers when the loaded die was used\n"
+                     "(grey: the truth, hidden from EM; red: EM's smoothed posterior)", fontsize=10, pad=28)
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
         print(f"wrote {plot}")

@@ -6,10 +6,11 @@ scatter around a typical size and colour, with correlated size and hue. We write
 as an ordinary Pyro model, fit it with ``pyro_em.EM``, then read off each bean's flavour
 responsibilities and the MAP assignment with Pyro's ``infer_discrete``.
 
-Run:  python examples/jelly_beans.py [--plot jelly_beans.png]
+Run:  python examples/jelly_beans.py [-n 600] [--plot jelly_beans.png]
 """
 
 import argparse
+import itertools
 
 import pyro
 import pyro.distributions as dist
@@ -18,6 +19,7 @@ from pyro import poutine
 from pyro.infer import config_enumerate, infer_discrete
 from torch.distributions import constraints
 
+import pyro_em
 from pyro_em import EM
 
 FLAVOURS = ["cherry", "lime", "lemon"]
@@ -34,20 +36,10 @@ def simulate(n: int) -> tuple:
     return beans, flavour
 
 
-def kmeans_plus_plus(x: torch.Tensor, K: int) -> torch.Tensor:
-    """k-means++ seeding: each new centre is a data point drawn with probability ~ D^2."""
-    centres = x[torch.randint(len(x), ())][None]
-    for _ in range(K - 1):
-        d2 = torch.cdist(x, centres).min(-1).values ** 2
-        centres = torch.cat([centres, x[torch.multinomial(d2, 1)]])
-    return centres
-
-
 def model(beans: torch.Tensor, K: int = 3) -> None:
     D = beans.shape[-1]
-    # EM finds a local optimum, so start well: equal weights, k-means++ means, the data's scale.
     weights = pyro.param("weights", torch.ones(K) / K, constraint=constraints.simplex)
-    locs = pyro.param("locs", lambda: kmeans_plus_plus(beans, K))
+    locs = pyro.param("locs", lambda: beans[torch.randperm(len(beans))[:K]])
     scale_tril = pyro.param(
         "scale_tril",
         torch.diag_embed(beans.std(0)).expand(K, D, D).clone(),
@@ -63,14 +55,26 @@ def main(n: int = 600, plot: str = "") -> None:
     beans, true_flavour = simulate(n)
     pyro.clear_param_store()
 
-    em = EM(model)
-    result = em.fit(beans, max_iter=200, tol=1e-8)
-    print(f"EM {'converged' if result.converged else 'stopped'} after {result.n_iter} iterations, "
-          f"log-likelihood {-result.loss:.2f}")
+    # EM finds a local optimum: start from k-means (pyro_em.init) on standardized beans, and
+    # keep the best of a few restarts.
+    def init(beans):
+        scale = beans.std(0)
+        centres, labels = pyro_em.init.kmeans(beans / scale, 3)
+        weights, means, covs = pyro_em.init.moments(beans, labels, 3)
+        pyro.param("weights", weights, constraint=constraints.simplex)
+        pyro.param("locs", means)
+        pyro.param("scale_tril", torch.linalg.cholesky(covs), constraint=constraints.lower_cholesky)
 
-    # Components are found in arbitrary order: match each to the nearest true flavour.
+    em = EM(model, reg_covar=1e-6)
+    result = em.fit(beans, max_iter=200, tol=1e-8, n_init=3, init=init)
+    print(f"EM {'converged' if result.converged else 'stopped'} after {result.n_iter} iterations "
+          f"(best of {len(result.run_losses)} starts), log-likelihood {em.log_likelihood(beans):.2f}")
+
+    # Components are found in arbitrary order: match them one to one to the true flavours,
+    # by the permutation that puts the fitted means nearest the true ones.
     locs = pyro.param("locs").detach()
-    order = torch.cdist(TRUE_LOCS / TRUE_LOCS.std(0), locs / TRUE_LOCS.std(0)).argmin(1)
+    distance = torch.cdist(TRUE_LOCS / TRUE_LOCS.std(0), locs / TRUE_LOCS.std(0))
+    order = torch.tensor(min(itertools.permutations(range(3)), key=lambda p: float(distance[range(3), list(p)].sum())))
     weights = pyro.param("weights").detach()[order]
     covs = (lambda L: L @ L.mT)(pyro.param("scale_tril").detach())[order]
     print(f"{'flavour':8s} {'weight':>13s} {'length (mm)':>17s} {'hue (deg)':>17s}")

@@ -60,7 +60,6 @@ def fit_restarts(em: "EM", args: tuple, kwargs: dict, n_init: int, init: Optiona
         if name in store:
             del store[name]
         store.setdefault(name, value, constraint)
-    em.plan = em.fused_chain = None
     best.run_losses, best.best_run = finals, finals.index(min(finals))
     return best
 

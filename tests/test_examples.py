@@ -4,19 +4,53 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_jelly_beans(capsys, monkeypatch):
-    torch.set_default_dtype(torch.float32)  # as a user runs it (the fixture restores float64)
-    monkeypatch.setattr(sys, "argv", ["jelly_beans.py", "-n", "300"])
-    runpy.run_path(str(EXAMPLES / "jelly_beans.py"), run_name="__main__")
+def run(name, *argv):
+    """Run an example as a user would (float32 defaults; the fixture restores float64)."""
+    torch.set_default_dtype(torch.float32)
+    sys.argv = [name, *map(str, argv)]
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+
+
+@pytest.mark.parametrize("n", [300, 5000])
+def test_jelly_beans(n, capsys, tmp_path):
+    run("jelly_beans.py", "-n", n, "--plot", tmp_path / "beans.png")
     out = capsys.readouterr().out
-    assert "converged" in out
+    assert "converged" in out and (tmp_path / "beans.png").exists()
     accuracy = float(out.split("beans sorted into their true flavour:")[1].split("%")[0])
     assert accuracy > 90
+    weights = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("cherry", "lime", "lemon"))]
+    assert abs(sum(weights) - 1) < 0.01  # one fitted component per flavour
+
+
+def test_digits(capsys, tmp_path):
+    run("digits.py", "-k", 10, "-n", 500, "--restarts", 1, "--plot", tmp_path / "digits.png")
+    out = capsys.readouterr().out
+    assert "templates: closed form (BernoulliRule" in out and (tmp_path / "digits.png").exists()
+    assert float(out.split("named after their digit:")[1].split("%")[0]) > 50
+
+
+def test_poisson_mixture(capsys):
+    run("poisson_mixture.py", "-n", 1500, "--max-k", 4)
+    assert "BIC chooses K = 3 kinds of hour" in capsys.readouterr().out
+
+
+def test_experts(capsys, tmp_path):
+    run("experts.py", "-n", 400, "--experts", 3, "--plot", tmp_path / "experts.png")
+    out = capsys.readouterr().out
+    assert (tmp_path / "experts.png").exists()
+    assert float(out.split("test RMSE")[1].split()[0]) < 0.45
+
+
+def test_svi_vs_em(capsys, tmp_path):
+    run("svi_vs_em.py", "-n", 500, "--svi-steps", 300, "--lr", 0.05, "--plot", tmp_path / "svi.png")
+    out = capsys.readouterr().out
+    assert out.startswith("EM :") and "SVI:" in out and (tmp_path / "svi.png").exists()
 
 
 def test_sprinkler(capsys, monkeypatch):
@@ -29,11 +63,10 @@ def test_sprinkler(capsys, monkeypatch):
     assert abs(float(wet[1]) - 0.9) < 0.05 and abs(float(wet[3]) - 0.99) < 0.02
 
 
-def test_casino(capsys, monkeypatch):
-    torch.set_default_dtype(torch.float32)
-    monkeypatch.setattr(sys, "argv", ["casino.py", "--rolls", "2000"])
-    runpy.run_path(str(EXAMPLES / "casino.py"), run_name="__main__")
+def test_casino(capsys, tmp_path):
+    run("casino.py", "--rolls", 2000, "--plot", tmp_path / "casino.png")
     out = capsys.readouterr().out
+    assert (tmp_path / "casino.png").exists()
     assert "converged" in out
     six = float(out.split("  loaded [")[2].split("]")[0].split(",")[5])
     accuracy = float(out.split("called right by the posterior:")[1].split("%")[0])
