@@ -6,7 +6,7 @@ from .estep import EStep, e_step
 from .map_sites import MapMessenger
 from .restarts import CollapseWarning
 from .rules import Rule, UseContext, register_m_step
-from . import init
+from . import init  # noqa: F401 (pyro_em.init, the starting-point helpers)
 
 __all__ = [
     "EM",

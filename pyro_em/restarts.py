@@ -7,7 +7,6 @@ import warnings
 from typing import TYPE_CHECKING, Callable, List, Optional
 
 import pyro
-import torch
 from torch.distributions import constraints
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hmmlearn import hmm
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO, config_enumerate
+from pyro.infer import config_enumerate
 from torch.distributions import constraints
 
 from pyro_em import EM

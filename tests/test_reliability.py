@@ -2,14 +2,12 @@
 answer; never a silent stall, never a raw error from inside torch or Pyro."""
 
 import sys
-import warnings
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta
 from torch.distributions import constraints
@@ -17,13 +15,18 @@ from torch.distributions import constraints
 from pyro_em import EM, ConvergenceWarning, MStepWarning
 
 
-@config_enumerate
-def mixture(data):
-    w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
-    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-    with pyro.plate("data", len(data)):
-        z = pyro.sample("z", dist.Categorical(w))
-        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+from test_errors import mixture
+
+
+def two_state_hmm(X):
+    start = pyro.param("start", torch.ones(2) / 2, constraint=constraints.simplex)
+    trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+    emit = pyro.param("emit", torch.tensor([[0.9, 0.1], [0.2, 0.8]]), constraint=constraints.simplex)
+    with pyro.plate("seqs", X.shape[0]):
+        z = None
+        for t in pyro.markov(range(X.shape[1])):
+            z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+            pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
 
 
 def store():
@@ -206,18 +209,8 @@ def test_fit_takes_any_number_type_and_no_stderr(monkeypatch):
 
 
 def test_fused_chain_survives_a_cleared_param_store():
-    def hmm(X):
-        start = pyro.param("start", torch.ones(2) / 2, constraint=constraints.simplex)
-        trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
-        emit = pyro.param("emit", torch.tensor([[0.9, 0.1], [0.2, 0.8]]), constraint=constraints.simplex)
-        with pyro.plate("seqs", X.shape[0]):
-            z = None
-            for t in pyro.markov(range(X.shape[1])):
-                z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
-                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
-
     X = torch.randint(2, (3, 6), generator=torch.Generator().manual_seed(0))
-    em = EM(hmm)
+    em = EM(two_state_hmm)
     first = [em.step(X) for _ in range(2)]
     assert em.fused_chain is not None
     pyro.clear_param_store()
@@ -305,16 +298,6 @@ def test_a_markov_chain_is_fused_from_its_first_step(monkeypatch):
     calls = []
     monkeypatch.setattr("pyro_em.em.e_step", lambda *a, **k: calls.append(1) / 0)
 
-    def hmm(X):
-        start = pyro.param("start", torch.ones(2) / 2, constraint=constraints.simplex)
-        trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
-        emit = pyro.param("emit", torch.tensor([[0.9, 0.1], [0.2, 0.8]]), constraint=constraints.simplex)
-        with pyro.plate("seqs", X.shape[0]):
-            z = None
-            for t in pyro.markov(range(X.shape[1])):
-                z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
-                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
-
-    em = EM(hmm)
+    em = EM(two_state_hmm)
     em.step(torch.randint(2, (3, 50), generator=torch.Generator().manual_seed(0)))
     assert em.fused_chain is not None and not calls
