@@ -3,8 +3,10 @@
 import math
 from typing import Callable, Dict, List, Optional
 
+import pyro
 import torch
 from pyro.optim import PyroOptim
+from torch.distributions import constraints
 
 
 class GradientMStep:
@@ -160,9 +162,9 @@ def _backtracking_ascent(q_fn, params: List[torch.Tensor], g0: List[torch.Tensor
 
 def _check_collapse(q_fn, named: Dict[str, torch.Tensor], start: List[torch.Tensor], norm: float) -> None:
     """Raise if ``Q`` grows without bound as params run off towards a boundary of their
-    constraint: elements whose unconstrained value fell by more than 20 (a factor e^20 for a
-    positive param) while ``Q``'s gradient still pulls them on, as when a scale collapses onto
-    a data point."""
+    constraint: elements whose unconstrained value fell by more than 2 in this M-step (a factor
+    e^2 for a positive param) while, at its end, ``Q``'s gradient still pulls them on instead
+    of vanishing as at a maximum: a scale collapsing onto a data point."""
     params = list(named.values())
     with torch.enable_grad():
         q = _rejecting(q_fn)
@@ -170,8 +172,11 @@ def _check_collapse(q_fn, named: Dict[str, torch.Tensor], start: List[torch.Tens
             grads = [torch.full_like(p, -math.inf) for p in params]
         else:
             grads = _gradient(q, params)
+    store = pyro.get_param_store()
     for (name, p), p0, g in zip(named.items(), start, grads):
-        fell = (p.detach() - p0 < -20) & ((g / norm < -1e-8) | ~torch.isfinite(g))
+        if name in store and _is_real(store._constraints[name]):
+            continue  # a real-valued param has no boundary to run off to
+        fell = (p.detach() - p0 < -2) & ((g / norm < -1e-6) | ~torch.isfinite(g))
         if bool(fell.any()):
             slots = fell.reshape(-1).nonzero().reshape(-1).tolist()
             raise ValueError(
@@ -181,6 +186,12 @@ def _check_collapse(q_fn, named: Dict[str, torch.Tensor], start: List[torch.Tens
                 "on it, use fewer components, or write it so that it takes the closed form and "
                 "set reg_covar > 0."
             )
+
+
+def _is_real(constraint) -> bool:
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint is constraints.real
 
 
 def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, max_steps: int = 8) -> None:

@@ -6,8 +6,9 @@ A mixture's emission is evaluated for every component at every data point, a K x
 kernel here instead loops over the components (as scikit-learn does), so each N x D block
 stays in cache, and whitens with the inverse Cholesky factor by a matrix product.
 ``DiscreteHMM`` uses the scaled forward pass of :mod:`pyro_em.hmm` (work T K^2, not the
-parallel scan's T K^3) when no gradient is needed. Kernels return ``None`` where they do not apply, and the
-distribution's own ``log_prob`` is used.
+parallel scan's T K^3) when no gradient is needed. ``Independent`` Bernoulli pixels are one
+matrix product; other ``Independent`` sites sum their base's kernel. Kernels return ``None``
+where they do not apply, and the distribution's own ``log_prob`` is used.
 """
 
 import math
@@ -112,5 +113,42 @@ def _bernoulli_log_prob(fn: td.Bernoulli, value: torch.Tensor) -> Optional[torch
     return torch.xlogy(value, probs) + torch.xlogy(1 - value, 1 - probs)
 
 
+def _sum_rightmost(t: torch.Tensor, dims: int) -> torch.Tensor:
+    return t.reshape(t.shape[: t.dim() - dims] + (-1,)).sum(-1) if dims else t
+
+
+def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """Independent Bernoulli pixels (a Bernoulli mixture's emission) as one matrix product:
+    ``sum_d log p(x_d) = x @ logit(p)^T + sum_d log(1 - p_d)``, one column per component, never
+    the components x data x pixels tensor. Probabilities of exactly 0 or 1 take the
+    elementwise kernel (0 * log 0 must be 0, not NaN)."""
+    base = fn.base_dist
+    if fn.reinterpreted_batch_ndims != 1 or not isinstance(base, td.Bernoulli) or not _given_probs(base):
+        return _sum_rightmost(log_prob(base, value), fn.reinterpreted_batch_ndims)
+    probs = compact(base.probs)
+    D = probs.shape[-1]
+    batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
+    n = len(batch)
+    p_b, x_b = _pad(probs.shape[:-1], n), _pad(value.shape[:-1], n)
+    comp = [i for i in range(n) if p_b[i] > 1]
+    data = [i for i in range(n) if x_b[i] > 1]
+    if (
+        value.numel() < _MIN_ELEMENTS
+        or not comp
+        or not data
+        or max(comp) >= min(data)
+        or bool(((probs == 0) | (probs == 1)).any())
+    ):
+        return _sum_rightmost(log_prob(base, value), 1)
+    if fn._validate_args:
+        fn._validate_sample(value)
+    P = probs.reshape(-1, D)
+    X = value.reshape(-1, D).to(P.dtype)
+    log_1mp = (-P).log1p()
+    result = torch.addmm(log_1mp.sum(-1), X, (P.log() - log_1mp).T)  # (data, components)
+    return result.T.reshape(batch)
+
+
 _KERNELS[td.Categorical] = _categorical_log_prob
 _KERNELS[td.Bernoulli] = _bernoulli_log_prob
+_KERNELS[td.Independent] = _independent_log_prob

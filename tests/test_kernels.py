@@ -47,3 +47,30 @@ def test_discrete_hmm_kernel_matches_pyro(time_varying):
     x = torch.randn(5, T)
     with torch.no_grad():
         torch.testing.assert_close(kernels.log_prob(fn, x), fn.log_prob(x), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "probs_shape, x_shape, structural_zero",
+    [
+        ((10, 1, 64), (1797, 64), False),  # a Bernoulli mixture over images
+        ((3, 4, 1, 5), (2000, 5), False),  # two enumerated dims
+        ((4, 1, 1, 6), (7, 400, 6), False),  # two data plates
+        ((10, 1, 64), (1797, 64), True),  # an exact 0: the elementwise kernel
+        ((10, 1, 64), (20, 64), False),  # small: the generic path
+    ],
+)
+def test_bernoulli_pixels_kernel_matches_torch(probs_shape, x_shape, structural_zero):
+    probs = torch.rand(probs_shape) * 0.9 + 0.05
+    if structural_zero:
+        probs[0, 0, 0] = 0.0
+    x = torch.bernoulli(torch.full(x_shape, 0.4))
+    if structural_zero:
+        x[:, 0] = 0.0
+    fn = dist.Bernoulli(probs).to_event(1)
+    batch = torch.broadcast_shapes(fn.batch_shape, x.shape[:-1])
+    fn = fn.expand(batch)  # as a plate would
+    with torch.no_grad():
+        actual = kernels.log_prob(fn, x)
+        expected = dist.Bernoulli(probs.clamp(1e-300)).to_event(1).expand(batch).log_prob(x) if structural_zero else fn.log_prob(x)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-9)
