@@ -88,15 +88,15 @@ class GradientMStep:
 
         with torch.enable_grad():
             optimizer.step(closure)
-            q1 = _rejecting(q_fn).detach()
+            q1 = _rejecting(q_fn)  # traced once here, its graph serving the checks below
             if not bool(q1 > q0):  # L-BFGS's line search can stall on rejected trial points
                 _restore(params, start)
-                _backtracking_ascent(q_fn, params, g0)
-                q1 = _rejecting(q_fn).detach()
-            _check_collapse(q_fn, named, start, norm)
+                _backtracking_ascent(q_fn, params, q0, g0)
+                q1 = _rejecting(q_fn)
+            _check_collapse(named, start, _gradient(q1, params, keep_graph=True), norm)
             if sum(p.numel() for p in params) <= self.newton_size:
-                _newton_polish(q_fn, params, norm)
-            q1 = _rejecting(q_fn).detach()
+                q1 = _newton_polish(q_fn, params, norm, q1)
+            q1 = q1.detach()
         for p in params:
             p.grad = None
         if not bool(q1 >= q0):
@@ -107,10 +107,14 @@ class GradientMStep:
         return [name for name, m, st in zip(named, moved, steep) if st and not m]
 
 
-def _gradient(q: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+def _gradient(q: torch.Tensor, params: List[torch.Tensor], keep_graph: bool = False) -> List[torch.Tensor]:
+    """``dq / dparams`` (zeros where ``q`` does not depend on a param, ``-inf`` where ``q`` is
+    not finite: a rejected point)."""
+    if not bool(torch.isfinite(q)):
+        return [torch.full_like(p, -math.inf) for p in params]
     if not q.requires_grad:
         return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(q, params, allow_unused=True)
+    grads = torch.autograd.grad(q, params, allow_unused=True, retain_graph=keep_graph)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
 
 
@@ -130,16 +134,12 @@ def _restore(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
             p.copy_(v)
 
 
-def _backtracking_ascent(q_fn, params: List[torch.Tensor], g0: List[torch.Tensor], max_iter: int = 50) -> None:
-    """Gradient ascent with a backtracking (Armijo) line search: slower than L-BFGS, but a
-    trial point the model rejects only halves the step."""
-    with torch.no_grad():
-        q = _rejecting(q_fn)
-    step = 1.0 / max(1e-300, max(float(g.abs().max()) for g in g0))
+def _backtracking_ascent(q_fn, params: List[torch.Tensor], q: torch.Tensor, grads: List[torch.Tensor], max_iter: int = 50) -> None:
+    """Gradient ascent with a backtracking (Armijo) line search from ``params``, where ``Q`` is
+    ``q`` with gradient ``grads``: slower than L-BFGS, but a trial point the model rejects only
+    halves the step."""
+    step = 1.0 / max(1e-300, max(float(g.abs().max()) for g in grads))
     for _ in range(max_iter):
-        with torch.enable_grad():
-            q_now = q_fn()
-            grads = _gradient(q_now, params)
         slope = sum(float((g * g).sum()) for g in grads)
         if slope == 0:
             return
@@ -157,21 +157,17 @@ def _backtracking_ascent(q_fn, params: List[torch.Tensor], g0: List[torch.Tensor
             return
         if float(q_new) - float(q) <= 1e-15 * max(1.0, abs(float(q))):
             return
-        q, step = q_new, step * 2
+        with torch.enable_grad():
+            q = q_fn()
+            grads = _gradient(q, params)
+        q, step = q.detach(), step * 2
 
 
-def _check_collapse(q_fn, named: Dict[str, torch.Tensor], start: List[torch.Tensor], norm: float) -> None:
+def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], grads: List[torch.Tensor], norm: float) -> None:
     """Raise if ``Q`` grows without bound as params run off towards a boundary of their
     constraint: elements whose unconstrained value fell by more than 2 in this M-step (a factor
-    e^2 for a positive param) while, at its end, ``Q``'s gradient still pulls them on instead
-    of vanishing as at a maximum: a scale collapsing onto a data point."""
-    params = list(named.values())
-    with torch.enable_grad():
-        q = _rejecting(q_fn)
-        if not bool(torch.isfinite(q)):
-            grads = [torch.full_like(p, -math.inf) for p in params]
-        else:
-            grads = _gradient(q, params)
+    e^2 for a positive param) while, at its end, ``Q``'s gradient ``grads`` still pulls them on
+    instead of vanishing as at a maximum: a scale collapsing onto a data point."""
     store = pyro.get_param_store()
     for (name, p), p0, g in zip(named.items(), start, grads):
         if name in store and _is_real(store._constraints[name]):
@@ -194,27 +190,27 @@ def _is_real(constraint) -> bool:
     return constraint is constraints.real
 
 
-def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, max_steps: int = 8) -> None:
+def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, q: torch.Tensor, max_steps: int = 8) -> torch.Tensor:
     """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q`` (one backward
     pass per parameter element), so that the M-step is solved to round-off, as an exact EM
-    step must be. A step is kept only if ``Q`` does not fall and the Hessian is negative
-    semi-definite; otherwise L-BFGS's point stands."""
-    if not all(bool(torch.isfinite(p).all()) for p in params):
-        return  # structural zeros (-inf) have no Newton step
-    q = q_fn()
-    if not q.requires_grad:
-        return
-    used = torch.autograd.grad(q, params, allow_unused=True)
-    params = [p for p, g in zip(params, used) if g is not None]  # Q may ignore some
+    step must be. ``q`` is ``Q`` at the current params, with its graph. A step is kept only if
+    ``Q`` does not fall and the Hessian is negative semi-definite; otherwise L-BFGS's point
+    stands.
+
+    :returns: ``Q`` at the params left in place.
+    """
+    if not q.requires_grad or not bool(torch.isfinite(q)) or not all(bool(torch.isfinite(p).all()) for p in params):
+        return q  # structural zeros (-inf) have no Newton step
     eps = torch.finfo(params[0].dtype).eps
+    used = None
     for _ in range(max_steps):
-        q = q_fn() / norm
-        if not bool(torch.isfinite(q)):
-            return
-        grads = torch.autograd.grad(q, params, create_graph=True)
-        g = torch.cat([x.reshape(-1) for x in grads])
+        grads = torch.autograd.grad(q / norm, params, create_graph=True, allow_unused=True)
+        if used is None:  # Q may ignore some params
+            used = [i for i, g in enumerate(grads) if g is not None]
+            params = [params[i] for i in used]
+        g = torch.cat([grads[i].reshape(-1) for i in used])
         if not g.requires_grad:
-            return
+            return q
         rows = [
             torch.cat([
                 (h if h is not None else torch.zeros_like(p)).reshape(-1)
@@ -226,11 +222,11 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
         # invariance) is orthogonal to the gradient, so the pseudo-inverse gives the step.
         neg_hessian = -torch.stack(rows).detach()
         if not bool(torch.isfinite(neg_hessian).all()):
-            return
+            return q
         evals, evecs = torch.linalg.eigh(neg_hessian)
         top = float(evals.abs().max())
         if top == 0 or float(evals.min()) < -1e-8 * top:
-            return
+            return q
         keep = evals > eps**0.5 * top
         step = evecs[:, keep] @ ((evecs[:, keep].T @ g.detach()) / evals[keep])
         saved = [p.detach().clone() for p in params]
@@ -239,13 +235,12 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
             for p in params:
                 p.add_(step[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
-            q_new = _rejecting(q_fn) / norm
-        q = q.detach()
-        if not bool(q_new >= q - 4 * eps * max(1.0, abs(float(q)))):
-            with torch.no_grad():
-                for p, p0 in zip(params, saved):
-                    p.copy_(p0)
-            return
+        q_new = _rejecting(q_fn)  # with its graph: the next step's gradient and Hessian
+        if not bool(q_new >= q.detach() - 4 * eps * max(norm, abs(float(q.detach())))):
+            _restore(params, saved)
+            return q
+        q = q_new
         scale = max(1.0, max(float(p.detach().abs().max()) for p in params))
         if float(step.abs().max()) <= 4 * eps * scale:
-            return
+            return q
+    return q

@@ -43,25 +43,38 @@ def _pad(shape: torch.Size, n: int) -> tuple:
     return (1,) * (n - len(shape)) + tuple(shape)
 
 
+def _layout(batch: torch.Size, param_shapes, value_shape):
+    """How a batch of log densities splits into component dims (where the parameters vary)
+    and data dims (where the value varies), for kernels that loop or multiply over components.
+
+    :returns: ``(comp_shape, padded param shapes)``, ``comp_shape`` having the batch's size on
+        component dims and 1 elsewhere; ``None`` unless every component dim lies left of every
+        data dim and no batch dim is of neither kind.
+    """
+    n = len(batch)
+    padded = [_pad(shape, n) for shape in param_shapes]
+    x_b = _pad(value_shape, n)
+    comp = [i for i in range(n) if any(p[i] > 1 for p in padded)]
+    data = [i for i in range(n) if x_b[i] > 1]
+    if comp and data and max(comp) >= min(data):
+        return None
+    if any(batch[i] > 1 and i not in comp and i not in data for i in range(n)):
+        return None
+    return tuple(batch[i] if i in comp else 1 for i in range(n)), padded
+
+
 def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[torch.Tensor]:
     D = fn.event_shape[0]
     L = fn._unbroadcasted_scale_tril
     loc = compact(fn.loc)
     batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    n = len(batch)
-    L_b, loc_b, x_b = _pad(L.shape[:-2], n), _pad(loc.shape[:-1], n), _pad(value.shape[:-1], n)
-    comp = [i for i in range(n) if L_b[i] > 1 or loc_b[i] > 1]
-    data = [i for i in range(n) if x_b[i] > 1]
-    blocks = math.prod(batch[i] for i in comp)
-    if (
-        value.numel() < _MIN_ELEMENTS
-        or blocks > _MAX_BLOCKS
-        or (comp and data and max(comp) >= min(data))
-    ):
+    layout = _layout(batch, [L.shape[:-2], loc.shape[:-1]], value.shape[:-1])
+    if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
         return None
+    comp_shape, (L_b, loc_b) = layout
+    blocks = math.prod(comp_shape)
     if fn._validate_args:
         fn._validate_sample(value)
-    comp_shape = tuple(batch[i] if i in comp else 1 for i in range(n))
     L = L.reshape(L_b + (D, D)).expand(comp_shape + (D, D)).reshape(blocks, D, D)
     loc = loc.reshape(loc_b + (D,)).expand(comp_shape + (D,)).reshape(blocks, D)
     x = value.reshape(-1, D)
@@ -128,21 +141,13 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     probs = compact(base.probs)
     D = probs.shape[-1]
     batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    n = len(batch)
-    p_b, x_b = _pad(probs.shape[:-1], n), _pad(value.shape[:-1], n)
-    comp = [i for i in range(n) if p_b[i] > 1]
-    data = [i for i in range(n) if x_b[i] > 1]
-    if (
-        value.numel() < _MIN_ELEMENTS
-        or not comp
-        or not data
-        or max(comp) >= min(data)
-        or bool(((probs == 0) | (probs == 1)).any())
-    ):
+    layout = _layout(batch, [probs.shape[:-1]], value.shape[:-1])
+    if value.numel() < _MIN_ELEMENTS or layout is None or bool(((probs == 0) | (probs == 1)).any()):
         return _sum_rightmost(log_prob(base, value), 1)
+    comp_shape, (p_b,) = layout
     if fn._validate_args:
         fn._validate_sample(value)
-    P = probs.reshape(-1, D)
+    P = probs.reshape(p_b + (D,)).expand(comp_shape + (D,)).reshape(-1, D)
     X = value.reshape(-1, D).to(P.dtype)
     log_1mp = (-P).log1p()
     result = torch.addmm(log_1mp.sum(-1), X, (P.log() - log_1mp).T)  # (data, components)
