@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping, Tuple
 
 import torch
+from pyro.distributions import constraints
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
@@ -142,12 +143,25 @@ def check_fit_args(max_iter, tol) -> Tuple[int, float]:
     return int(max_iter), float(tol)
 
 
+def unrepresentable(unconstrained: torch.Tensor) -> bool:
+    """Whether an unconstrained param value is NaN or +inf. (``-inf`` is how a probability of
+    exactly 0, a structural zero, is held in a simplex or logits param.)"""
+    return bool(torch.isnan(unconstrained).any() or (unconstrained == math.inf).any())
+
+
+def base_constraint(constraint):
+    """The constraint of one element, under any ``independent`` wrapping."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint
+
+
 def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
     """Check unconstrained parameter values before an M-step moves them. ``-inf`` is allowed:
     it is how a probability of exactly 0 (a structural zero, as in a left-right HMM's
     transitions) is held in a simplex or logits param."""
     for name, p in params.items():
-        if bool(torch.isnan(p).any() or (p == math.inf).any()):
+        if unrepresentable(p):
             raise ValueError(
                 f"Param '{name}' has a NaN or +inf unconstrained value: its value is NaN or lies "
                 "on a boundary of its constraint that it cannot keep (e.g. a probability of "

@@ -27,7 +27,7 @@ from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, trace_model
 from .hmm import forward_backward
-from ._validation import model_errors
+from ._validation import model_errors, unrepresentable
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import TrackParams, Tracked, apply_maps, compact, param_dependencies
@@ -63,6 +63,11 @@ class MStepPlan:
     gradient: Dict[str, str] = field(default_factory=dict)
     tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
     maps: Dict[Tuple[str, str, str], tuple] = field(default_factory=dict)
+
+    @property
+    def params(self) -> List[str]:
+        """Every param the plan updates, closed-form first."""
+        return [*self.closed_form, *self.gradient]
 
     def __str__(self) -> str:
         lines = []
@@ -357,7 +362,7 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
     with torch.no_grad():
         for name, value in new.items():
             unconstrained = transform_to(store._constraints[name]).inv(value)
-            if bool(torch.isnan(unconstrained).any() or (unconstrained == float("inf")).any()):
+            if unrepresentable(unconstrained):
                 raise ValueError(
                     f"The closed-form update of param '{name}' is not finite or leaves its "
                     "constraint; check the data and the model around it."

@@ -18,7 +18,14 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args, check_params_finite, check_same_structure, model_errors, structure
+from ._validation import (
+    check_fit_args,
+    check_params_finite,
+    check_same_structure,
+    model_errors,
+    structure,
+    unrepresentable,
+)
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, closed_form_update, components, plan_m_step
 from .estep import EStep, e_step, enum_model, expected_log_joint, trace_model
@@ -248,8 +255,7 @@ class EM:
         :returns: an :class:`~pyro_em.estep.EStep` with ``log_z`` and each factor's posterior
             weights.
         """
-        first_dim = self._first_available_dim(args, kwargs)
-        return e_step(self.fitted_model, args, kwargs, first_dim, self.temperature)
+        return self._e_step_at(self.temperature, args, kwargs)
 
     @_accepts_numpy
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
@@ -257,8 +263,7 @@ class EM:
 
         :returns: the negative log marginal likelihood (plus negative log prior of MAP sites).
         """
-        with _rollback_new_params():
-            return -float(self.e_step(*args, **kwargs).log_z)
+        return -float(self.e_step(*args, **kwargs).log_z)
 
     @_accepts_numpy
     def step(self, *args: Any, **kwargs: Any) -> float:
@@ -271,7 +276,7 @@ class EM:
         :raises RuntimeError: if the M-step produced non-finite parameter values.
         """
         store = pyro.get_param_store()
-        if self.plan is not None and any(n not in store for n in [*self.plan.closed_form, *self.plan.gradient]):
+        if self.plan is not None and any(n not in store for n in self.plan.params):
             self.plan = self.fused_chain = None  # the param store was cleared: plan afresh
         with _rollback_new_params():
             # Plan first (cheap: no log density is computed), so that a chain recognized as a
@@ -394,7 +399,7 @@ class EM:
             result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
         else:
             result = self._fit_once(args, kwargs, **fit_kwargs)
-        restarts.warn_collapsed([*self.plan.closed_form, *self.plan.gradient] if self.plan else [], self.reg_covar)
+        restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar)
         return result
 
     def _fit_once(self, args: tuple, kwargs: dict, max_iter: int, tol: float, progress: bool, callback) -> EMResult:
@@ -443,10 +448,7 @@ class EM:
             dim over the site's values (in ``enumerate_support()`` order), e.g. the
             ``(N, K)`` responsibilities of a mixture.
         """
-        with _rollback_new_params():
-            estep = self.e_step(*args, **kwargs)
-        return site_marginals(estep, self.max_plate_nesting)
-
+        return site_marginals(self.e_step(*args, **kwargs), self.max_plate_nesting)
 
     @_accepts_numpy
     def log_likelihood(self, *args: Any, **kwargs: Any) -> float:
@@ -455,8 +457,7 @@ class EM:
 
         :returns: ``log p(data | params)``, summed over the data (scaled as the model says).
         """
-        estep = self._e_step_at(1, args, kwargs)
-        return float(estep.log_z) - selection.map_prior_log_density(estep)
+        return selection.log_likelihood(self._e_step_at(1, args, kwargs))
 
     @_accepts_numpy
     def bic(self, *args: Any, n: Optional[int] = None, **kwargs: Any) -> float:
@@ -470,7 +471,7 @@ class EM:
         """
         estep = self._e_step_at(1, args, kwargs)
         n = selection.count_observations(estep) if n is None else n
-        return -2 * self.log_likelihood(*args, **kwargs) + self._free_parameters(estep) * math.log(n)
+        return -2 * selection.log_likelihood(estep) + self._free_parameters(estep) * math.log(n)
 
     @_accepts_numpy
     def aic(self, *args: Any, **kwargs: Any) -> float:
@@ -479,7 +480,7 @@ class EM:
         :returns: the criterion, with ``p`` as in :meth:`bic`.
         """
         estep = self._e_step_at(1, args, kwargs)
-        return -2 * self.log_likelihood(*args, **kwargs) + 2 * self._free_parameters(estep)
+        return -2 * selection.log_likelihood(estep) + 2 * self._free_parameters(estep)
 
     @_accepts_numpy
     def decode(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
@@ -498,6 +499,8 @@ class EM:
         return selection.decode(self._e_step_at(0, args, kwargs), self.max_plate_nesting)
 
     def _e_step_at(self, temperature: int, args: tuple, kwargs: dict) -> EStep:
+        """The E-step at ``temperature`` (whatever :attr:`temperature` the fit uses); params it
+        creates are removed again if it fails."""
         with _rollback_new_params():
             first_dim = self._first_available_dim(args, kwargs)
             return e_step(self.fitted_model, args, kwargs, first_dim, temperature)
@@ -520,7 +523,7 @@ def _m_step_transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
     try:
         yield
         for name, p in params.items():
-            if bool(torch.isnan(p).any() or (p == float("inf")).any()):
+            if unrepresentable(p):
                 raise RuntimeError(
                     f"The M-step produced non-finite values for param '{name}'; the param "
                     "store was restored to its values before this step."

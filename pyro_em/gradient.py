@@ -8,6 +8,8 @@ import torch
 from pyro.optim import PyroOptim
 from torch.distributions import constraints
 
+from ._validation import base_constraint
+
 
 class GradientMStep:
     """Maximize ``Q(theta)`` over unconstrained parameters with the posterior held fixed.
@@ -170,7 +172,7 @@ def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], g
     instead of vanishing as at a maximum: a scale collapsing onto a data point."""
     store = pyro.get_param_store()
     for (name, p), p0, g in zip(named.items(), start, grads):
-        if name in store and _is_real(store._constraints[name]):
+        if name in store and base_constraint(store._constraints[name]) is constraints.real:
             continue  # a real-valued param has no boundary to run off to
         fell = (p.detach() - p0 < -2) & ((g / norm < -1e-6) | ~torch.isfinite(g))
         if bool(fell.any()):
@@ -182,12 +184,6 @@ def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], g
                 "on it, use fewer components, or write it so that it takes the closed form and "
                 "set reg_covar > 0."
             )
-
-
-def _is_real(constraint) -> bool:
-    while isinstance(constraint, constraints.independent):
-        constraint = constraint.base_constraint
-    return constraint is constraints.real
 
 
 def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, q: torch.Tensor, max_steps: int = 8) -> torch.Tensor:

@@ -13,22 +13,16 @@ import torch
 from pyro.distributions import DiscreteHMM
 from pyro.distributions import constraints
 
-from ._validation import MAP_FLAG
+from ._validation import MAP_FLAG, base_constraint
 from .closed_form import unwrap
 from .estep import EStep
 from .hmm import viterbi
 from .posterior import site_marginals
 
 
-def _base(constraint):
-    while isinstance(constraint, constraints.independent):
-        constraint = constraint.base_constraint
-    return constraint
-
-
 def free_parameters(value: torch.Tensor, constraint) -> int:
     """The number of free parameters of a param with this value and constraint."""
-    c = _base(constraint)
+    c = base_constraint(constraint)
     if c is constraints.simplex:
         return value.numel() - value.numel() // value.shape[-1]
     if c in (constraints.lower_cholesky, constraints.positive_definite, constraints.positive_semidefinite):
@@ -68,9 +62,9 @@ def count_observations(estep: EStep) -> int:
     return total
 
 
-def map_prior_log_density(estep: EStep) -> float:
-    """The (scaled, masked) log prior density of the MAP sites in the E-step's ``log_z``."""
-    return sum(
+def log_likelihood(estep: EStep) -> float:
+    """The E-step's ``log_z`` without the (scaled, masked) log prior of the MAP sites."""
+    return float(estep.log_z) - sum(
         float(site["log_prob"].sum())
         for site in estep.trace.nodes.values()
         if site["type"] == "sample" and site["infer"].get(MAP_FLAG)
