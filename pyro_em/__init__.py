@@ -4,6 +4,7 @@ from .closed_form import MStepPlan
 from .em import EM, ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
+from .online import OnlineEM
 from .restarts import CollapseWarning
 from .rules import Rule, UseContext, register_m_step
 from . import init  # noqa: F401 (pyro_em.init, the starting-point helpers)
@@ -11,6 +12,7 @@ from . import init  # noqa: F401 (pyro_em.init, the starting-point helpers)
 __all__ = [
     "EM",
     "EMResult",
+    "OnlineEM",
     "ConvergenceWarning",
     "CollapseWarning",
     "MStepWarning",

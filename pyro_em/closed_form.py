@@ -3,10 +3,12 @@
 :func:`plan_m_step` decides, once, how each param is updated: in closed form when every use of
 it is a direct argument (or a conjugate prior's value) that a registered
 :class:`~pyro_em.rules.Rule` handles, and by gradient otherwise, with the reason.
-:func:`closed_form_update` then applies the plan to an E-step: pooled sufficient statistics,
-solved and written into Pyro's param store.
+:func:`summarize` adds up a param's sufficient statistics from the weighted sites of a batch of
+data, :func:`solve` turns the pooled statistics into its new value and :func:`write` puts it in
+Pyro's param store (see :mod:`pyro_em.iteration`).
 """
 
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -302,9 +304,11 @@ def check_hard_em(trace: Trace) -> None:
 
 
 def estep_parts(estep: EStep) -> Callable[[str], Dict[str, tuple]]:
-    """Each site's :func:`components`, weighted by the posterior of ``estep``."""
+    """Each site's :func:`components`, weighted by the posterior of ``estep`` (computed once
+    per site: a DiscreteHMM runs forward-backward)."""
     trace = estep.trace
 
+    @functools.lru_cache(maxsize=None)
     def parts(site_name: str) -> Dict[str, tuple]:
         site = trace.nodes[site_name]
         weight = packed.unpack(estep.weights[site_name], trace.symbol_to_dim)
@@ -313,52 +317,88 @@ def estep_parts(estep: EStep) -> Callable[[str], Dict[str, tuple]]:
     return parts
 
 
-def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, parts=None) -> None:
-    """Apply the closed-form updates of ``plan`` with the posterior of ``estep``.
+@dataclass
+class Solver:
+    """How a closed-form param's pooled statistics become its value: the rule and context of
+    one of its likelihood uses, the maps into the rule's space, and its conjugate prior's
+    ``(site, distribution name)`` if it has one (for the error when the prior is unbounded)."""
 
-    Params are updated in plan order; a rule that needs another argument of its distribution
-    (a scale needs the mean) sees values already updated in this M-step. ``parts`` (a site
-    name -> ``{part: (fn, value, weight)}`` function) replaces ``estep`` as the source of the
-    weighted sites, as for a fused Markov chain.
+    rule: Rule
+    ctx: UseContext
+    maps: tuple
+    prior: Optional[Tuple[str, str]]
 
-    :raises ValueError: if an update is not finite or not valid for its constraint.
+
+def summarize(
+    plan: MStepPlan, names: List[str], parts: Callable[[str], Dict[str, tuple]],
+    new: Dict[str, torch.Tensor], reg_covar: float = 0.0,
+) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Solver], int]:
+    """The additive statistics of the closed-form params ``names`` (in plan order) from one
+    batch of weighted sites ``parts`` (a site name -> ``{part: (fn, value, weight)}``
+    function, see :func:`estep_parts`). A rule that needs another argument of its
+    distribution (a scale needs the mean) sees the values in ``new``: params solved earlier.
+
+    :returns: ``(stats, solvers, n)``: the statistics and :class:`Solver` of ``names[:n]``;
+        ``names[n]`` is the first param whose statistics read a param among ``names[:n]``,
+        which must be solved first (``n == len(names)`` when there is none).
     """
     store = pyro.get_param_store()
-    parts = parts or estep_parts(estep)
-    new: Dict[str, torch.Tensor] = {}
-    cache: Dict[str, dict] = {}  # per site, computed once (a DiscreteHMM runs forward-backward)
-    for name, uses in plan.closed_form.items():
+    stats: Dict[str, Dict[str, torch.Tensor]] = {}
+    solvers: Dict[str, Solver] = {}
+    for i, name in enumerate(names):
+        uses = plan.closed_form[name]
         # A rule works in its argument's space: the param maps there and back (e.g. a simplex
         # param used as logits=probs.log()).
         maps = next((u.maps for u in uses if type(u.rule).solve is not Rule.solve), ())
-        old = apply_maps(maps, store[name].detach())
-        stats: Dict[str, torch.Tensor] = {}
-        solver_ctx = None
+        numel = store[name].numel()
+        reads: set = set()
+        own: Dict[str, torch.Tensor] = {}
+        solver, prior = None, None
         for use in uses:
-            if use.site not in cache:
-                cache[use.site] = parts(use.site)
-            fn, value, weight = cache[use.site][use.part]
+            fn, value, weight = parts(use.site)[use.part]
             ctx = UseContext(
-                fn, value, weight, use.ids, use.arg, old.numel(),
-                _current(plan, use.site, use.part, fn, new), reg_covar, use.joint,
+                fn, value, weight, use.ids, use.arg, numel,
+                _current(plan, use.site, use.part, fn, new, reads), reg_covar, use.joint,
                 use.jacobian,
             )
             for key, s in use.rule.summarize(ctx).items():
-                stats[key] = stats[key] + s if key in stats else s
-            if solver_ctx is None and type(use.rule).solve is not Rule.solve:
-                solver_ctx, solver = ctx, use.rule
-        try:
-            new[name] = apply_maps(maps, solver.solve(stats, old, solver_ctx).to(old.dtype), inverse=True)
-        except Collapse as e:
-            raise ValueError(
-                f"The closed-form update of param '{name}' collapsed at slot(s) {e.slots}: "
-                f"{e.what}. Set reg_covar > 0 (e.g. EM(model, reg_covar=1e-6), as "
-                "scikit-learn's), use fewer components, or put a prior on it."
-            ) from None
-        except UnboundedMAP:
-            prior = next(u for u in uses if u.arg == "value")
-            fn = cache[prior.site][prior.part][0]
-            raise ValueError(unbounded_prior_message(prior.site, type(fn).__name__, name)) from None
+                own[key] = own[key] + s if key in own else s
+            if solver is None and type(use.rule).solve is not Rule.solve:
+                solver = Solver(use.rule, ctx, maps, None)
+            if use.arg == "value" and prior is None:
+                prior = (use.site, type(fn).__name__)
+        if reads & set(names[:i]):
+            return stats, solvers, i
+        solver.prior = prior
+        stats[name], solvers[name] = own, solver
+    return stats, solvers, len(names)
+
+
+def solve(name: str, stats: Dict[str, torch.Tensor], solver: Solver) -> torch.Tensor:
+    """The new value of closed-form param ``name`` from its pooled statistics.
+
+    :raises ValueError: naming the param if a component collapsed or a conjugate prior's
+        MAP objective is unbounded.
+    """
+    old = apply_maps(solver.maps, pyro.get_param_store()[name].detach())
+    try:
+        return apply_maps(solver.maps, solver.rule.solve(stats, old, solver.ctx).to(old.dtype), inverse=True)
+    except Collapse as e:
+        raise ValueError(
+            f"The closed-form update of param '{name}' collapsed at slot(s) {e.slots}: "
+            f"{e.what}. Set reg_covar > 0 (e.g. EM(model, reg_covar=1e-6), as "
+            "scikit-learn's), use fewer components, or put a prior on it."
+        ) from None
+    except UnboundedMAP:
+        raise ValueError(unbounded_prior_message(*solver.prior, name)) from None
+
+
+def write(new: Dict[str, torch.Tensor]) -> None:
+    """Write solved values into Pyro's param store.
+
+    :raises ValueError: if a value is not finite or leaves its param's constraint.
+    """
+    store = pyro.get_param_store()
     with torch.no_grad():
         for name, value in new.items():
             unconstrained = transform_to(store._constraints[name]).inv(value)
@@ -370,12 +410,13 @@ def closed_form_update(plan: MStepPlan, estep: EStep, reg_covar: float = 0.0, pa
             store[name].unconstrained().copy_(unconstrained)
 
 
-def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor]):
+def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor], reads: set):
     tracked = plan.tracked_args.get((site, part), {})
 
     def current(arg: str) -> torch.Tensor:
         if arg in tracked:
             name, ids = tracked[arg]
+            reads.add(name)
             value = new.get(name)
             if value is None:
                 value = pyro.get_param_store()[name].detach()

@@ -2,12 +2,14 @@
 
 import functools
 import gc
+import logging
 import math
 import sys
+import time
 import warnings
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,23 +20,17 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import (
-    check_fit_args,
-    check_params_finite,
-    check_same_structure,
-    model_errors,
-    structure,
-    unrepresentable,
-)
+from ._validation import check_fit_args, model_errors
 from .chain import FusedChain, fuse_chain
-from .closed_form import MStepPlan, analysis_traces, check_hard_em, closed_form_update, components, plan_m_step
-from .estep import EStep, e_step, enum_model, expected_log_joint, trace_model
+from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
+from .estep import EStep, e_step, enum_model, trace_model
 from .gradient import GradientMStep
-from .hmm import hmm_log_prob
-from .map_sites import MapMessenger, check_map_bounded
-from . import restarts, selection
+from .iteration import PlanCache, PlannedBatch, _rollback_new_params
+from .map_sites import MapMessenger
+from . import iteration, restarts, selection
 from .posterior import site_marginals
 
+logger = logging.getLogger("pyro_em")
 M_STEPS = ("auto", "closed_form", "gradient")
 _PROBE_DIMS = 16  # enumeration dims for the plate-nesting probe start this far left
 
@@ -203,7 +199,8 @@ class EM:
         self.plan: Optional[MStepPlan] = None
         """How each param is updated (an :class:`~pyro_em.closed_form.MStepPlan`; print it),
         made at the first :meth:`step` and again when the model's arguments change."""
-        self._plan_key: Optional[tuple] = None
+        self._plans = PlanCache()
+        self._online: Optional[iteration.Online] = None
         self.fused_chain: Optional[FusedChain] = None
         """The ``pyro.markov`` chain that steps run as one DiscreteHMM, without tracing the
         model, if the plan recognized one (see :mod:`pyro_em.chain`); else ``None``."""
@@ -275,81 +272,64 @@ class EM:
         :raises ValueError: on bad data or a model with nothing to fit.
         :raises RuntimeError: if the M-step produced non-finite parameter values.
         """
-        store = pyro.get_param_store()
-        if self.plan is not None and any(n not in store for n in self.plan.params):
-            self.plan = self.fused_chain = None  # the param store was cleared: plan afresh
-        with _rollback_new_params():
-            # Plan first (cheap: no log density is computed), so that a chain recognized as a
-            # DiscreteHMM takes the fused path from its very first step.
-            plan = self._get_plan(args, kwargs)
-            if self.fused_chain is not None:
-                return self._fused_step(self.fused_chain)
-            estep = self.e_step(*args, **kwargs)
-            params = {
-                name: site["value"].unconstrained()
-                for name, site in estep.trace.nodes.items()
-                if site["type"] == "param"
-            }
-            if not params:
-                raise ValueError(
-                    "The model has no pyro.param and no continuous latent site to estimate: "
-                    "there is nothing for EM to fit."
-                )
-            with _m_step_transaction(params):
-                if self._structure is None:
-                    self._structure = structure(estep.trace)
-                check_same_structure(self._structure, structure(estep.trace))
-                if plan.closed_form:
-                    closed_form_update(plan, estep, self.reg_covar)
-                rest = {name: p for name, p in params.items() if name not in plan.closed_form}
-                self.stalled = []
-                if rest:
-                    self.stalled = self._gradient_m_step(
-                        lambda: expected_log_joint(estep, self._trace(args, kwargs)), rest
-                    )
-                    check_map_bounded(estep.trace, rest, self.map_prefix)
-                    if self.stalled:
-                        warnings.warn(
-                            "The gradient M-step could not increase Q along param(s) "
-                            + ", ".join(f"'{n}'" for n in self.stalled)
-                            + " although its gradient there is not small (the model rejects "
-                            "every nearby value, or Q is not smooth there): they kept their values.",
-                            MStepWarning,
-                            stacklevel=2,
-                        )
-        return -float(estep.log_z)
+        return self._run([(args, kwargs)], keep=True)[0]
 
-    def _fused_step(self, chain: FusedChain) -> float:
-        """One exact EM step of a fused chain: forward-backward, then the closed-form rules."""
-        params = {name: pyro.param(name).unconstrained() for name in chain.plan.closed_form}
-        with _m_step_transaction(params):
-            fn = chain.distribution()
-            log_z = hmm_log_prob(fn, chain.values).sum()
-            if not torch.isfinite(log_z):
-                raise ValueError(
-                    f"The log marginal likelihood is {float(log_z)} at the current parameters: "
-                    "no state path explains the observations (or a parameter is degenerate)."
-                )
-            weight = torch.ones(chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
-            parts = {p[0]: p[1:] for p in components(fn, chain.values, weight)}
-            closed_form_update(chain.plan, None, self.reg_covar, parts=lambda site: parts)
-        return -float(log_z)
+    def step_batches(self, batches: Iterable) -> float:
+        """One exact EM iteration over data given in batches: every batch's E-step at the
+        same params, the sufficient statistics (and, for params without a closed form, ``Q``
+        and its derivatives) added up over the batches, then one M-step. The iterates are
+        those of :meth:`step` on the concatenated data, while memory holds one batch (a rule
+        that needs a param solved earlier in the step, such as a scale its new mean, costs
+        another pass over the batches; so does each evaluation of ``Q``).
 
-    def _get_plan(self, args: tuple, kwargs: dict) -> MStepPlan:
-        # Plans hold index maps that may depend on the data: redo them for new arguments.
-        key = _args_key(args, kwargs)
-        if self.plan is None or key != self._plan_key:
+        :param batches: a re-iterable of batches of model arguments: each a tuple (or list)
+            of positional arguments, a dict of keyword arguments, or a single tensor. A
+            :class:`torch.utils.data.DataLoader` works as it is.
+        :returns: the loss at the params before the update, summed over the batches.
+        :raises ValueError: as :meth:`step`; also if ``batches`` is empty or its batches use
+            the params differently.
+
+        Example::
+
+            loader = DataLoader(TensorDataset(data), batch_size=10_000)
+            for _ in range(100):
+                loss = em.step_batches(loader)
+        """
+        return self._run(_batches(batches), keep=False, cache=isinstance(batches, Sequence))[0]
+
+    def _run(self, batches: Iterable, keep: bool, cache: bool = True) -> Tuple[float, int]:
+        loss, rows = iteration.run(self, batches, keep, self._online, cache)
+        if self.stalled:
+            warnings.warn(
+                "The gradient M-step could not increase Q along param(s) "
+                + ", ".join(f"'{n}'" for n in self.stalled)
+                + " although its gradient there is not small (the model rejects every nearby "
+                "value, or Q is not smooth there): they kept their values.",
+                MStepWarning,
+                stacklevel=3,
+            )
+        return loss, rows
+
+    def _plan_batch(self, args: tuple, kwargs: dict, cache: bool = True) -> PlannedBatch:
+        """The plan of a batch of model arguments, made by tracing the model (cheap: no log
+        density is computed) unless cached."""
+        key = _args_key(args, kwargs) + (tuple(kwargs),)
+        arguments = [*args, *kwargs.values()]
+        planned = self._plans.get(key, arguments)
+        if planned is None:
             first_dim = self._first_available_dim(args, kwargs)
             tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim)
-            self.plan = plan_m_step(tracked, scored, self.m_step)
-            self._structure = None  # taken from the first E-step on these arguments
+            plan = plan_m_step(tracked, scored, self.m_step)
             if self.temperature == 0:
                 check_hard_em(tracked)
-            self.fused_chain = fuse_chain(tracked, scored, self.plan) if self.temperature == 1 else None
-            self._plan_key, self._plan_args = key, (args, kwargs)  # args kept alive: ids stay unique
+            chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 else None
+            planned = PlannedBatch(args, kwargs, plan, chain)
             del tracked, scored
-            gc.collect()  # the analysis traces hold reference cycles: free them before the step
-        return self.plan
+            gc.collect(1)  # the analysis traces hold reference cycles: free them before the step
+            if cache:
+                self._plans.put(key, planned)
+        self.plan, self.fused_chain = planned.plan, planned.chain
+        return planned
 
     def fit(
         self,
@@ -402,15 +382,60 @@ class EM:
         restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar)
         return result
 
-    def _fit_once(self, args: tuple, kwargs: dict, max_iter: int, tol: float, progress: bool, callback) -> EMResult:
+    def _fit_once(self, args: tuple, kwargs: dict, **fit_kwargs) -> EMResult:
+        rows = self._rows(args, kwargs)
+        return self._fit_loop(lambda: (self.step(*args, **kwargs), rows), **fit_kwargs)
+
+    @staticmethod
+    def _rows(args: tuple, kwargs: dict) -> int:
+        return PlannedBatch(args, kwargs, None, None).rows
+
+    def _new_run(self) -> None:
+        """Forget what depends on the params' identity (a restart makes new ones)."""
+        self._plans.clear()
+
+    def fit_batches(
+        self,
+        batches: Iterable,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        progress: bool = False,
+        callback: Optional[Callable[[int, float], Optional[bool]]] = None,
+    ) -> EMResult:
+        """Run :meth:`step_batches` until the loss stops improving, as :meth:`fit` runs
+        :meth:`step` (same arguments, convergence test and warnings). Each iteration is logged
+        on the ``pyro_em`` logger at level INFO (loss, seconds, data points per second), and
+        shown by the progress bar.
+
+        :param batches: a re-iterable of batches of model arguments (see :meth:`step_batches`).
+        :returns: an :class:`EMResult`; ``losses`` are sums over the batches.
+
+        Example::
+
+            result = em.fit_batches(DataLoader(TensorDataset(data), batch_size=10_000),
+                                    max_iter=200, progress=True)
+        """
+        max_iter, tol = check_fit_args(max_iter, tol)
+        result = self._fit_loop(lambda: self._step_batches(batches), max_iter, tol, progress, callback)
+        restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar)
+        return result
+
+    def _step_batches(self, batches: Iterable) -> Tuple[float, int]:
+        return self._run(_batches(batches), keep=False, cache=isinstance(batches, Sequence))
+
+    def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
         result = EMResult()
         stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
-        with tqdm(total=max_iter, disable=not progress or stream is None, desc="EM", file=stream) as bar:
+        desc = type(self).__name__
+        with tqdm(total=max_iter, disable=not progress or stream is None, desc=desc, file=stream) as bar:
             for i in range(max_iter):
-                loss = self.step(*args, **kwargs)
+                start = time.perf_counter()
+                loss, rows = step()
+                seconds = time.perf_counter() - start
                 result.losses.append(loss)
                 change = abs(result.losses[-2] - loss) / max(1.0, abs(result.losses[-2])) if i else math.inf
-                bar.set_postfix(loss=f"{loss:.6g}", rel_change=f"{change:.2g}", refresh=False)
+                logger.info("%s iteration %d: loss %.10g, %.3g s, %.4g data points/s", desc, i, loss, seconds, rows / max(seconds, 1e-9))
+                bar.set_postfix(loss=f"{loss:.6g}", rel_change=f"{change:.2g}", points_per_s=f"{rows / max(seconds, 1e-9):.3g}", refresh=False)
                 bar.update()
                 if i == 0 and not bar.disable:  # the first step also plans: rate from the second on
                     bar.start_t = bar._time()
@@ -514,35 +539,22 @@ def _args_key(args: tuple, kwargs: dict) -> tuple:
     return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
 
 
-@contextmanager
-def _m_step_transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
-    """Update ``params`` (unconstrained, in place) all or nothing: on an exception, or a
-    non-finite result, every one gets back the value it had before the block."""
-    check_params_finite(params)
-    saved = {name: p.detach().clone() for name, p in params.items()}
-    try:
-        yield
-        for name, p in params.items():
-            if unrepresentable(p):
-                raise RuntimeError(
-                    f"The M-step produced non-finite values for param '{name}'; the param "
-                    "store was restored to its values before this step."
-                )
-    except BaseException:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
-        raise
+def _batches(batches: Iterable) -> Iterator[Tuple[tuple, dict]]:
+    """Each batch as ``(args, kwargs)``: a tuple or list is positional arguments, a dict
+    keyword arguments, anything else (a tensor) the one argument; numpy arrays become tensors."""
+    if isinstance(batches, (torch.Tensor, np.ndarray)):
+        raise TypeError(
+            "batches must be an iterable of batches (a list of tensors, a DataLoader), not one "
+            "tensor: use EM.step for the whole data, or split it, e.g. data.split(10_000)."
+        )
 
+    def convert(a):
+        return torch.as_tensor(a) if isinstance(a, np.ndarray) else a
 
-@contextmanager
-def _rollback_new_params() -> Iterator[None]:
-    """On an exception, remove params created inside the block from Pyro's param store."""
-    store = pyro.get_param_store()
-    names = set(store.keys())
-    try:
-        yield
-    except BaseException:
-        for name in set(store.keys()) - names:
-            del store[name]
-        raise
+    for batch in batches:
+        if isinstance(batch, dict):
+            yield (), {k: convert(v) for k, v in batch.items()}
+        elif isinstance(batch, (tuple, list)):
+            yield tuple(convert(a) for a in batch), {}
+        else:
+            yield (convert(batch),), {}

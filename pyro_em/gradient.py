@@ -1,7 +1,7 @@
 """Gradient M-step: maximize the expected complete-data log likelihood ``Q`` numerically."""
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pyro
 import torch
@@ -9,6 +9,7 @@ from pyro.optim import PyroOptim
 from torch.distributions import constraints
 
 from ._validation import base_constraint
+from .distributed import all_reduce
 
 
 class GradientMStep:
@@ -39,10 +40,10 @@ class GradientMStep:
         self.num_steps = num_steps or (1 if optim is not None else 100)
         self.newton_size = newton_size
 
-    def __call__(self, q_fn: Callable[[], torch.Tensor], params: Dict[str, torch.Tensor]) -> List[str]:
-        """Update ``params`` in place to increase ``q_fn()``.
+    def __call__(self, objective: "Objective", params: Dict[str, torch.Tensor]) -> List[str]:
+        """Update ``params`` in place to increase ``Q``.
 
-        :param q_fn: evaluates ``Q`` at the current values of ``params``, differentiably.
+        :param objective: ``Q`` at the current values of ``params`` (see :class:`Objective`).
         :param params: name -> unconstrained leaf tensor (as kept by Pyro's param store).
         :returns: the names of params that could not be moved although ``Q``'s gradient in
             them is not negligible: a stalled M-step (empty when all is well).
@@ -50,22 +51,20 @@ class GradientMStep:
             data point), naming it.
         """
         if self.optim is None:
-            return self._lbfgs(q_fn, params)
+            return self._lbfgs(objective, params)
+        values = list(params.values())
         for _ in range(self.num_steps):
-            loss = -q_fn()
-            loss.backward()
-            self.optim(list(params.values()))
-            for p in params.values():
+            _, g, _ = objective(1, strict=True)
+            _set_grads(values, -g)
+            self.optim(values)
+            for p in values:
                 p.grad = None
         return []
 
-    def _lbfgs(self, q_fn: Callable[[], torch.Tensor], named: Dict[str, torch.Tensor]) -> List[str]:
+    def _lbfgs(self, objective: "Objective", named: Dict[str, torch.Tensor]) -> List[str]:
         params = list(named.values())
         start = [p.detach().clone() for p in params]
-        with torch.enable_grad():
-            q0 = q_fn()  # a model that fails at the current values fails here, loudly
-            g0 = _gradient(q0, params)
-        q0 = q0.detach()
+        q0, g0, _ = objective(1, strict=True)  # a model that fails at the current values fails here, loudly
         # Work with Q relative to its size so the tolerances do not depend on the data size.
         norm = max(abs(float(q0)), 1.0)
         eps = torch.finfo(params[0].dtype).eps
@@ -82,52 +81,111 @@ class GradientMStep:
 
         def closure():
             optimizer.zero_grad()
-            loss = _rejecting(lambda: -q_fn() / norm)
-            if not bool(torch.isfinite(loss)):  # infeasible: steer the line search back
+            q, g, _ = objective(1)
+            if not bool(torch.isfinite(q)):  # infeasible: steer the line search back
                 return torch.tensor(math.inf)
-            loss.backward()
-            return loss
+            _set_grads(params, -g / norm)
+            return -q / norm
 
-        with torch.enable_grad():
-            optimizer.step(closure)
-            q1 = _rejecting(q_fn)  # traced once here, its graph serving the checks below
-            if not bool(q1 > q0):  # L-BFGS's line search can stall on rejected trial points
-                _restore(params, start)
-                _backtracking_ascent(q_fn, params, q0, g0)
-                q1 = _rejecting(q_fn)
-            _check_collapse(named, start, _gradient(q1, params, keep_graph=True), norm)
-            if sum(p.numel() for p in params) <= self.newton_size:
-                q1 = _newton_polish(q_fn, params, norm, q1)
-            q1 = q1.detach()
+        optimizer.step(closure)
+        newton = 2 if objective.size <= self.newton_size else 1
+        q1, g1, h1 = objective(newton)
+        if not bool(q1 > q0):  # L-BFGS's line search can stall on rejected trial points
+            _restore(params, start)
+            _backtracking_ascent(objective, params, q0, g0)
+            q1, g1, h1 = objective(newton)
+        _check_collapse(named, start, _split(g1, params), norm)
+        if newton == 2:
+            q1 = _newton_polish(objective, params, norm, q1, g1, h1)
         for p in params:
             p.grad = None
         if not bool(q1 >= q0):
             _restore(params, start)
             q1 = q0
         moved = [not torch.equal(p.detach(), p0) for p, p0 in zip(params, start)]
-        steep = [bool((g.abs() / norm > 1e3 * tolerance_grad).any()) for g in g0]
+        steep = [bool((g.abs() / norm > 1e3 * tolerance_grad).any()) for g in _split(g0, params)]
         return [name for name, m, st in zip(named, moved, steep) if st and not m]
 
 
-def _gradient(q: torch.Tensor, params: List[torch.Tensor], keep_graph: bool = False) -> List[torch.Tensor]:
-    """``dq / dparams`` (zeros where ``q`` does not depend on a param, ``-inf`` where ``q`` is
-    not finite: a rejected point)."""
-    if not bool(torch.isfinite(q)):
-        return [torch.full_like(p, -math.inf) for p in params]
-    if not q.requires_grad:
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(q, params, allow_unused=True, retain_graph=keep_graph)
-    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+class Objective:
+    """``Q`` as a sum of pieces, one per batch of data, each a function that traces its part
+    differentiably at the current param values. Pieces are traced one at a time, so memory
+    holds one piece's graph; their sums are added over the processes of a
+    ``torch.distributed`` group (see :mod:`pyro_em.distributed`), so every process sees the
+    same ``Q`` and takes the same M-step.
+
+    :param pieces: the functions, each returning a 0-dim tensor.
+    :param params: the unconstrained leaf tensors ``Q`` is maximized over.
+    """
+
+    def __init__(self, pieces: List[Callable[[], torch.Tensor]], params: List[torch.Tensor]):
+        self.pieces, self.params = pieces, params
+        self.size = sum(p.numel() for p in params)
+
+    def __call__(self, order: int = 0, strict: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``Q``, and with ``order`` 1 or 2 its gradient (flat, over ``params`` in order), with
+        ``order`` 2 its Hessian too (one backward pass per element). ``Q`` is NaN, and its
+        gradient ``-inf``, where the model rejects the params (a distribution's argument
+        check raises ``ValueError``), unless ``strict``: then the error propagates."""
+        p0 = self.params[0]
+        q = p0.new_zeros(())
+        g = p0.new_zeros(self.size if order else 0)
+        h = p0.new_zeros((self.size, self.size) if order == 2 else (0, 0))
+        error = None
+        for piece in self.pieces:
+            try:
+                with torch.enable_grad():
+                    qi = piece()
+            except ValueError as e:
+                if strict:
+                    error = e
+                    break
+                q = q + math.nan
+                break
+            except Exception as e:  # noqa: BLE001 (re-raised once the other processes know)
+                error = e
+                break
+            if not bool(torch.isfinite(qi)):
+                q = q + qi.detach()
+                break
+            q = q + qi.detach()
+            if order and qi.requires_grad:
+                gi, hi = _derivatives(qi, self.params, order)
+                g += gi
+                if hi is not None:
+                    h += hi
+        total = all_reduce(torch.cat([q.reshape(1), g, h.reshape(-1)]), error)
+        q, g, h = total[0], total[1 : 1 + g.numel()], total[1 + g.numel() :].reshape(h.shape)
+        if order and not bool(torch.isfinite(q)):
+            g = torch.full_like(g, -math.inf)
+        return q, (g if order else None), (h if order == 2 else None)
 
 
-def _rejecting(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``fn()``, or NaN where the model rejects the trial point (a distribution's argument
-    check raises ``ValueError``): callers treat a non-finite value as a rejected point."""
-    try:
-        value = fn()
-    except ValueError:
-        return torch.tensor(float("nan"))
-    return value
+def _derivatives(q: torch.Tensor, params: List[torch.Tensor], order: int):
+    """The flat gradient of ``q`` and, for ``order`` 2, its Hessian (``None`` if ``q`` is
+    linear in the params)."""
+    grads = torch.autograd.grad(q, params, create_graph=order == 2, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(grads, params)])
+    if order < 2 or not flat.requires_grad:
+        return flat.detach(), None
+    rows = []
+    for gk in flat:
+        if not gk.requires_grad:
+            rows.append(torch.zeros_like(flat))
+            continue
+        row = torch.autograd.grad(gk, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if r is None else r).reshape(-1) for r, p in zip(row, params)]))
+    return flat.detach(), torch.stack(rows).detach()
+
+
+def _split(flat: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A flat vector over ``params`` cut into their shapes."""
+    return [part.reshape(p.shape) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def _set_grads(params: List[torch.Tensor], flat: torch.Tensor) -> None:
+    for p, g in zip(params, _split(flat, params)):
+        p.grad = g.clone()
 
 
 def _restore(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
@@ -136,21 +194,21 @@ def _restore(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
             p.copy_(v)
 
 
-def _backtracking_ascent(q_fn, params: List[torch.Tensor], q: torch.Tensor, grads: List[torch.Tensor], max_iter: int = 50) -> None:
+def _backtracking_ascent(objective: Objective, params: List[torch.Tensor], q: torch.Tensor, g: torch.Tensor, max_iter: int = 50) -> None:
     """Gradient ascent with a backtracking (Armijo) line search from ``params``, where ``Q`` is
-    ``q`` with gradient ``grads``: slower than L-BFGS, but a trial point the model rejects only
-    halves the step."""
-    step = 1.0 / max(1e-300, max(float(g.abs().max()) for g in grads))
+    ``q`` with (flat) gradient ``g``: slower than L-BFGS, but a trial point the model rejects
+    only halves the step."""
+    step = 1.0 / max(1e-300, float(g.abs().max()))
     for _ in range(max_iter):
-        slope = sum(float((g * g).sum()) for g in grads)
+        slope = float((g * g).sum())
         if slope == 0:
             return
         start = [p.detach().clone() for p in params]
         for _ in range(60):
             with torch.no_grad():
-                for p, p0, g in zip(params, start, grads):
-                    p.copy_(p0 + step * g)
-                q_new = _rejecting(q_fn)
+                for p, p0, gp in zip(params, start, _split(g, params)):
+                    p.copy_(p0 + step * gp)
+            q_new = objective(0)[0]
             if bool(torch.isfinite(q_new)) and float(q_new) >= float(q) + 1e-4 * step * slope:
                 break
             step /= 2
@@ -159,10 +217,8 @@ def _backtracking_ascent(q_fn, params: List[torch.Tensor], q: torch.Tensor, grad
             return
         if float(q_new) - float(q) <= 1e-15 * max(1.0, abs(float(q))):
             return
-        with torch.enable_grad():
-            q = q_fn()
-            grads = _gradient(q, params)
-        q, step = q.detach(), step * 2
+        q, g, _ = objective(1)
+        step *= 2
 
 
 def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], grads: List[torch.Tensor], norm: float) -> None:
@@ -186,37 +242,23 @@ def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], g
             )
 
 
-def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], norm: float, q: torch.Tensor, max_steps: int = 8) -> torch.Tensor:
-    """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q`` (one backward
-    pass per parameter element), so that the M-step is solved to round-off, as an exact EM
-    step must be. ``q`` is ``Q`` at the current params, with its graph. A step is kept only if
-    ``Q`` does not fall and the Hessian is negative semi-definite; otherwise L-BFGS's point
-    stands.
+def _newton_polish(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor,
+                   g: torch.Tensor, h: torch.Tensor, max_steps: int = 8) -> torch.Tensor:
+    """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q``, so that the M-step
+    is solved to round-off, as an exact EM step must be. ``q``, ``g`` and ``h`` are ``Q``, its
+    gradient and Hessian at the current params. A step is kept only if ``Q`` does not fall and
+    the Hessian is negative semi-definite; otherwise L-BFGS's point stands.
 
     :returns: ``Q`` at the params left in place.
     """
-    if not q.requires_grad or not bool(torch.isfinite(q)) or not all(bool(torch.isfinite(p).all()) for p in params):
+    if not bool(torch.isfinite(q)) or not all(bool(torch.isfinite(p).all()) for p in params):
         return q  # structural zeros (-inf) have no Newton step
     eps = torch.finfo(params[0].dtype).eps
-    used = None
     for _ in range(max_steps):
-        grads = torch.autograd.grad(q / norm, params, create_graph=True, allow_unused=True)
-        if used is None:  # Q may ignore some params
-            used = [i for i, g in enumerate(grads) if g is not None]
-            params = [params[i] for i in used]
-        g = torch.cat([grads[i].reshape(-1) for i in used])
-        if not g.requires_grad:
-            return q
-        rows = [
-            torch.cat([
-                (h if h is not None else torch.zeros_like(p)).reshape(-1)
-                for h, p in zip(torch.autograd.grad(gi, params, retain_graph=True, allow_unused=True), params)
-            ])
-            for gi in g
-        ]
         # -H is positive semi-definite at a maximum; its null space (a softmax's shift
-        # invariance) is orthogonal to the gradient, so the pseudo-inverse gives the step.
-        neg_hessian = -torch.stack(rows).detach()
+        # invariance, params Q ignores) is orthogonal to the gradient, so the pseudo-inverse
+        # gives the step.
+        neg_hessian = -h / norm
         if not bool(torch.isfinite(neg_hessian).all()):
             return q
         evals, evecs = torch.linalg.eigh(neg_hessian)
@@ -224,18 +266,16 @@ def _newton_polish(q_fn: Callable[[], torch.Tensor], params: List[torch.Tensor],
         if top == 0 or float(evals.min()) < -1e-8 * top:
             return q
         keep = evals > eps**0.5 * top
-        step = evecs[:, keep] @ ((evecs[:, keep].T @ g.detach()) / evals[keep])
+        step = evecs[:, keep] @ ((evecs[:, keep].T @ (g / norm)) / evals[keep])
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.add_(step[offset : offset + p.numel()].reshape(p.shape))
-                offset += p.numel()
-        q_new = _rejecting(q_fn)  # with its graph: the next step's gradient and Hessian
-        if not bool(q_new >= q.detach() - 4 * eps * max(norm, abs(float(q.detach())))):
+            for p, s in zip(params, _split(step, params)):
+                p.add_(s)
+        q_new, g_new, h_new = objective(2)
+        if not bool(q_new >= q - 4 * eps * max(norm, abs(float(q)))):
             _restore(params, saved)
             return q
-        q = q_new
+        q, g, h = q_new, g_new, h_new
         scale = max(1.0, max(float(p.detach().abs().max()) for p in params))
         if float(step.abs().max()) <= 4 * eps * scale:
             return q

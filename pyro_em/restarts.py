@@ -38,7 +38,7 @@ def fit_restarts(em: "EM", args: tuple, kwargs: dict, n_init: int, init: Optiona
         for name in names:
             if name in store:
                 del store[name]
-        em.plan = em.fused_chain = None  # the params are new objects
+        em._new_run()  # the params are new objects: plan afresh
         if init is not None:
             init(*args, **kwargs)
         try:

@@ -1,0 +1,365 @@
+"""One EM iteration over batches of data.
+
+Every batch's E-step runs at the same params, ``theta_old``. The closed-form params' sufficient
+statistics add up over the batches (and over the processes of a ``torch.distributed`` group,
+see :mod:`pyro_em.distributed`) before each is solved, so the result is the M-step of the
+concatenated data. A rule that needs a param solved earlier in the same M-step (a scale needs
+its new mean) starts another pass over the batches, whose E-steps again run at
+``theta_old``. The params without a closed form then maximize ``Q``, a sum of one piece per
+batch (:class:`~pyro_em.gradient.Objective`). One batch (:meth:`EM.step`) keeps its E-step
+between passes; several (:meth:`EM.step_batches`) recompute theirs, so memory holds one batch.
+
+Terms that belong to no batch, the log prior densities of MAP-estimated sites outside every
+plate, are counted once: with the first batch of rank 0.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import pyro
+import torch
+
+from . import distributed
+from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
+from .chain import FusedChain
+from .closed_form import MStepPlan, components, estep_parts, solve, summarize, write
+from .estep import EStep, enum_symbols, expected_log_joint
+from .gradient import Objective
+from .hmm import hmm_log_prob
+from .map_sites import check_map_bounded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .em import EM
+
+Batch = Tuple[tuple, Dict[str, Any]]
+Stats = Dict[str, Dict[str, torch.Tensor]]
+
+
+@dataclass
+class PlannedBatch:
+    """A batch of model arguments with its plan: plans hold index maps that may depend on the
+    data, so each batch has its own (see :class:`PlanCache`)."""
+
+    args: tuple
+    kwargs: Dict[str, Any]
+    plan: MStepPlan
+    chain: Optional[FusedChain]
+    structure: List[Optional[tuple]] = field(default_factory=lambda: [None])
+
+    @property
+    def updates(self) -> MStepPlan:
+        """The plan whose uses the closed-form rules read: the fused chain's, if any."""
+        return self.chain.plan if self.chain is not None else self.plan
+
+    @property
+    def rows(self) -> int:
+        """The size of the first dim of the batch's first tensor argument (its data points)."""
+        first = next((a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None and first.dim() else 1
+
+
+class PlanCache:
+    """Plans keyed by the identity (and version) of their batch's arguments, kept while
+    iterations use them: a plan no iteration used is dropped when the next one ends."""
+
+    def __init__(self):
+        self._entries: Dict[tuple, PlannedBatch] = {}
+        self._used: set = set()
+
+    def get(self, key: tuple, arguments: list) -> Optional[PlannedBatch]:
+        planned = self._entries.get(key)
+        if planned is None or any(a is not b for a, b in zip((*planned.args, *planned.kwargs.values()), arguments)):
+            return None
+        self._used.add(key)
+        return planned
+
+    def put(self, key: tuple, planned: PlannedBatch) -> None:
+        self._entries[key] = planned
+        self._used.add(key)
+
+    def end_iteration(self) -> None:
+        """Forget the plans the iteration that just ended did not use."""
+        self._entries = {k: v for k, v in self._entries.items() if k in self._used}
+        self._used = set()
+
+    def clear(self) -> None:
+        self._entries, self._used = {}, set()
+
+
+@dataclass
+class Online:
+    """Stepwise EM's running statistics and the weight of the next batch's (see
+    :meth:`EM.step_online`)."""
+
+    stats: Stats = field(default_factory=dict)
+    step_size: float = 1.0
+
+    def blend(self, stats: Stats) -> Stats:
+        for name, own in stats.items():
+            running = self.stats.get(name)
+            if running is None or self.step_size >= 1:
+                self.stats[name] = dict(own)
+            else:
+                g = self.step_size
+                self.stats[name] = {k: (1 - g) * running[k] + g * s for k, s in own.items()}
+        return {name: self.stats[name] for name in stats}
+
+
+def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online] = None, cache: bool = True) -> Tuple[float, int]:
+    """One EM iteration over ``batches`` (see the module docs), updating Pyro's param store all
+    or nothing.
+
+    :param keep: keep each batch's E-step between passes (one batch: :meth:`EM.step`).
+    :param online: stepwise EM: blend the statistics into ``online``'s and solve those.
+    :param cache: keep the batches' plans for the next iterations (for batches that are the
+        same tensors every time: a list, not a DataLoader, whose batches are new tensors).
+    :returns: ``(loss, rows)``: the loss at the params before the update, summed over the
+        batches and processes, and the data points (:attr:`PlannedBatch.rows`) of this process.
+    """
+    store = pyro.get_param_store()
+    if em.plan is not None and any(n not in store for n in em.plan.params):
+        em._plans.clear()  # the param store was cleared: plan afresh
+    with _rollback_new_params():
+        iterator = iter(batches)
+        first = next(iterator, None)
+        if first is None:
+            raise ValueError("batches is empty: give every process at least one batch of model arguments.")
+        planned = em._plan_batch(*first, cache=cache)
+        if not planned.plan.params:
+            raise ValueError(
+                "The model has no pyro.param and no continuous latent site to estimate: "
+                "there is nothing for EM to fit."
+            )
+        if online is not None and planned.plan.gradient:
+            name, why = next(iter(planned.plan.gradient.items()))
+            raise ValueError(
+                f"Online EM updates params from running sufficient statistics, but param '{name}' "
+                f"has no closed-form update ({why}). Use step_batches/fit_batches (exact EM over "
+                "all batches) or SVI for this model."
+            )
+        distributed.broadcast_params(planned.plan.params)
+        params = {name: store[name].unconstrained() for name in planned.plan.params}
+        with _transaction(params):
+            result = _Iteration(em, planned, iterator, batches, params, keep, online, cache).run()
+        distributed.broadcast_params(planned.plan.params)
+    em._plans.end_iteration()
+    return result
+
+
+class _Iteration:
+    def __init__(self, em, planned, iterator, batches, params, keep, online, cache):
+        self.em, self.plan, self.params, self.keep, self.online = em, planned.plan, params, keep, online
+        self.cache = cache
+        self.old = {name: p.detach().clone() for name, p in params.items()}
+        self._first = [planned]
+        self._iterator, self._batches = iterator, batches
+        self._kept: List[tuple] = []
+        self._rank = distributed.rank()
+
+    def planned(self, again: bool) -> Iterator[PlannedBatch]:
+        """The batches with their plans: the first time from the iterator already begun."""
+        source = iter(self._batches) if again else self._iterator
+        if not again:
+            yield self._first.pop()
+        for args, kwargs in source:
+            yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
+
+    def weighted(self, again: bool) -> Iterator[tuple]:
+        """Each batch's ``(planned, parts, log_z, estep)`` at theta_old."""
+        if again and self.keep:
+            yield from self._kept
+            return
+        for i, pb in enumerate(self.planned(again)):
+            with _values(self.params, self.old, again):
+                item = (pb, *_e_step(self.em, pb, drop_global=i > 0 or self._rank > 0))
+            if self.keep:
+                self._kept.append(item)
+            yield item
+
+    def run(self) -> Tuple[float, int]:
+        em, plan = self.em, self.plan
+        pending, new = list(self._first[0].updates.closed_form), {}
+        loss, rows, again = None, 0, False
+        while not again or pending:
+            stats, solvers, cut = {}, {}, len(pending)
+            for pb, parts, log_z, _ in self.weighted(again):
+                if not again:
+                    loss, rows = log_z if loss is None else loss + log_z, rows + pb.rows
+                own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, em.reg_covar)
+                cut = min(cut, n)
+                for name in pending[:cut]:
+                    solvers.setdefault(name, own_solvers[name])
+                    stats[name] = _add(stats.get(name), own[name])
+            if not again:
+                loss = float(distributed.all_reduce(loss.reshape(1))[0])
+            stage = {name: stats[name] for name in pending[:cut]}
+            stage = _all_reduce_stats(stage)
+            if self.online is not None:
+                stage = self.online.blend(stage)
+            for name, s in stage.items():
+                new[name] = solve(name, s, solvers[name])
+            pending, again = pending[cut:], True
+        write(new)
+        rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
+        em.stalled = self.gradient_m_step(rest) if rest else []
+        return -loss, rows
+
+    def gradient_m_step(self, rest: Dict[str, torch.Tensor]) -> List[str]:
+        """Maximize ``Q`` over the params without a closed form, one piece per batch."""
+        em = self.em
+        stalled = em._gradient_m_step(Objective(_Pieces(self), list(rest.values())), rest)
+        if any(name.startswith(em.map_prefix + ".") for name in rest):
+            first = self._kept[0][0] if self.keep else next(self.planned(True))
+            check_map_bounded(em._probe_trace(first.args, first.kwargs), rest, em.map_prefix)
+        return stalled
+
+
+class _Pieces:
+    """The pieces of ``Q``, re-iterable: a kept E-step's, or one recomputed per batch."""
+
+    def __init__(self, iteration: _Iteration):
+        self.it = iteration
+
+    def __iter__(self) -> Iterator[Callable[[], torch.Tensor]]:
+        it, em = self.it, self.it.em
+        if it.keep:
+            for pb, _, _, estep in it._kept:
+                yield lambda pb=pb, estep=estep: expected_log_joint(estep, em._trace(pb.args, pb.kwargs))
+            return
+        for i, pb in enumerate(it.planned(True)):
+            def piece(pb=pb, drop=i > 0 or it._rank > 0):
+                with _values(it.params, it.old, True):
+                    estep = _e_step(em, pb, drop)[2]
+                return expected_log_joint(estep, em._trace(pb.args, pb.kwargs))
+
+            yield piece
+
+
+def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, torch.Tensor, Optional[EStep]]:
+    """A batch's weighted sites (``parts``), ``log Z`` and E-step, at the current params."""
+    if pb.chain is not None:  # a fused chain: one forward-backward pass, no trace
+        fn = pb.chain.distribution()
+        log_z = hmm_log_prob(fn, pb.chain.values).sum()
+        if not torch.isfinite(log_z):
+            raise ValueError(
+                f"The log marginal likelihood is {float(log_z)} at the current parameters: "
+                "no state path explains the observations (or a parameter is degenerate)."
+            )
+        weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
+        parts = {p[0]: p[1:] for p in components(fn, pb.chain.values, weight)}
+        return (lambda site: parts), log_z, None
+    estep = em._e_step_at(em.temperature, pb.args, pb.kwargs)
+    if pb.structure[0] is None:
+        pb.structure[0] = structure(estep.trace)
+    check_same_structure(pb.structure[0], structure(estep.trace))
+    if drop_global:
+        estep = _without_global_terms(estep)
+    return estep_parts(estep), estep.log_z, estep
+
+
+def _without_global_terms(estep: EStep) -> EStep:
+    """``estep`` without the log prior of MAP sites outside every plate (counted once)."""
+    enumerated = enum_symbols(estep.trace)
+    weights, log_z = dict(estep.weights), estep.log_z
+    for name, site in estep.trace.nodes.items():
+        if site["type"] != "sample" or not site["infer"].get(MAP_FLAG):
+            continue
+        if any(f.vectorized for f in site["cond_indep_stack"]):
+            continue
+        if not enumerated.isdisjoint(site["packed"]["unscaled_log_prob"]._pyro_dims):
+            raise ValueError(
+                f"The prior of MAP site '{name}' depends on an enumerated latent outside every "
+                "plate: its term cannot be split among batches. Fit this model with EM.step on "
+                "all of the data."
+            )
+        log_z = log_z - site["log_prob"].sum().to(log_z.dtype)
+        weights[name] = torch.zeros_like(weights[name])
+        weights[name]._pyro_dims = estep.weights[name]._pyro_dims
+    return EStep(log_z, estep.trace, weights, estep.scale)
+
+
+def _same_plan(plan: MStepPlan, planned: PlannedBatch) -> PlannedBatch:
+    """``planned``, checked to update the params the same way as the first batch's plan."""
+    for name in set(plan.params) | set(planned.plan.params):
+        how = ["closed form" if name in p.closed_form else "gradient" if name in p.gradient else "absent"
+               for p in (plan, planned.plan)]
+        if how[0] != how[1]:
+            raise ValueError(
+                f"Param '{name}' is updated by {how[0]} with the first batch but by {how[1]} with "
+                "another: every batch must use the params the same way (the model's structure "
+                "must not depend on the data in a batch)."
+            )
+    return planned
+
+
+def _add(total: Optional[Dict[str, torch.Tensor]], own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return dict(own) if total is None else {k: total[k] + v for k, v in own.items()}
+
+
+def _all_reduce_stats(stats: Stats) -> Stats:
+    """The statistics summed over the processes of a torch.distributed group (one message)."""
+    if not distributed.active() or not stats:
+        return stats
+    keys = [(name, k) for name in stats for k in sorted(stats[name])]
+    tensors = [stats[name][k] for name, k in keys]
+    dtype = tensors[0].dtype
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = distributed.all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    out: Stats = {name: {} for name in stats}
+    for (name, k), t, part in zip(keys, tensors, flat.split([t.numel() for t in tensors])):
+        out[name][k] = part.reshape(t.shape).to(t.dtype)
+    return out
+
+
+@contextmanager
+def _values(params: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor], swap: bool = True) -> Iterator[None]:
+    """Give ``params`` (unconstrained, in place) ``values`` inside the block, then their own."""
+    if not swap:
+        yield
+        return
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
+@contextmanager
+def _transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
+    """Update ``params`` (unconstrained, in place) all or nothing: on an exception, or a
+    non-finite result, every one gets back the value it had before the block."""
+    check_params_finite(params)
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        yield
+        for name, p in params.items():
+            if unrepresentable(p):
+                raise RuntimeError(
+                    f"The M-step produced non-finite values for param '{name}'; the param "
+                    "store was restored to its values before this step."
+                )
+    except BaseException:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        raise
+
+
+@contextmanager
+def _rollback_new_params() -> Iterator[None]:
+    """On an exception, remove params created inside the block from Pyro's param store."""
+    store = pyro.get_param_store()
+    names = set(store.keys())
+    try:
+        yield
+    except BaseException:
+        for name in set(store.keys()) - names:
+            del store[name]
+        raise
