@@ -14,8 +14,9 @@ from pyro.poutine.trace_struct import Trace
 MAP_FLAG = "_em_map"
 
 
-def check_enumerated_trace(trace: Trace) -> None:
-    """Check that every latent site was enumerated and every observation is finite."""
+def check_enumerated_trace(trace: Trace, subsample: bool = False) -> None:
+    """Check that every latent site was enumerated and every observation is finite (and, unless
+    ``subsample``, that no plate subsamples)."""
     sample_sites = [s for s in trace.nodes.values() if s["type"] == "sample"]
     if not sample_sites:
         raise ValueError("The model has no pyro.sample sites: there is nothing to fit by EM.")
@@ -26,11 +27,11 @@ def check_enumerated_trace(trace: Trace) -> None:
         )
     for site in sample_sites:
         for f in site["cond_indep_stack"]:
-            if f.full_size is not None and f.size != f.full_size:
+            if not subsample and f.full_size is not None and f.size != f.full_size:
                 raise ValueError(
                     f"Plate '{f.name}' subsamples {f.size} of {f.full_size} (subsample_size or "
                     "subsample): an EM step needs every datum of the plate at once. Remove the "
-                    "subsampling, and pass the data in full."
+                    "subsampling and pass the data in full, or fit by stepwise EM (OnlineEM)."
                 )
         name, fn = site["name"], site["fn"]
         if site["infer"].get(MAP_FLAG):

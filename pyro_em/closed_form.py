@@ -161,14 +161,15 @@ def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
     return args
 
 
-def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_dim: int) -> Tuple[Trace, Trace]:
+def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_dim: int,
+                    subsample: bool = False) -> Tuple[Trace, Trace]:
     """The two traces a plan is made from: ``tracked``, run under autograd with param values
     :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log-density *shapes* (no
     log density is computed, so planning costs no more memory than running the model)."""
     with torch.enable_grad(), model_errors(args, kwargs):
         tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
     with torch.no_grad():
-        scored = trace_model(model, args, kwargs, first_available_dim, shapes_only=True)
+        scored = trace_model(model, args, kwargs, first_available_dim, shapes_only=True, subsample=subsample)
     return prune_subsample_sites(tracked), scored
 
 

@@ -160,6 +160,8 @@ class EM:
         responsibilities = em.posterior(data)["z"]   # shape (len(data), 2)
     """
 
+    _subsample = False  # plates that subsample are for stepwise EM (OnlineEM)
+
     def __init__(
         self,
         model: Callable,
@@ -243,7 +245,7 @@ class EM:
                 return poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
 
     def _trace(self, args: tuple, kwargs: dict):
-        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs))
+        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs), subsample=self._subsample)
 
     @_accepts_numpy
     def e_step(self, *args: Any, **kwargs: Any) -> EStep:
@@ -295,7 +297,7 @@ class EM:
             for _ in range(100):
                 loss = em.step_batches(loader)
         """
-        return self._run(_batches(batches), keep=False, cache=isinstance(batches, Sequence))[0]
+        return self._step_batches(batches)[0]
 
     def _run(self, batches: Iterable, keep: bool, cache: bool = True) -> Tuple[float, int]:
         loss, rows = iteration.run(self, batches, keep, self._online, cache)
@@ -318,7 +320,7 @@ class EM:
         planned = self._plans.get(key, arguments)
         if planned is None:
             first_dim = self._first_available_dim(args, kwargs)
-            tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim)
+            tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
             plan = plan_m_step(tracked, scored, self.m_step)
             if self.temperature == 0:
                 check_hard_em(tracked)
@@ -421,7 +423,7 @@ class EM:
         return result
 
     def _step_batches(self, batches: Iterable) -> Tuple[float, int]:
-        return self._run(_batches(batches), keep=False, cache=isinstance(batches, Sequence))
+        return self._run(_Batches(batches), keep=False, cache=isinstance(batches, Sequence))
 
     def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
         result = EMResult()
@@ -528,7 +530,7 @@ class EM:
         creates are removed again if it fails."""
         with _rollback_new_params():
             first_dim = self._first_available_dim(args, kwargs)
-            return e_step(self.fitted_model, args, kwargs, first_dim, temperature)
+            return e_step(self.fitted_model, args, kwargs, first_dim, temperature, self._subsample)
 
     def _free_parameters(self, estep: EStep) -> int:
         names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
@@ -539,22 +541,28 @@ def _args_key(args: tuple, kwargs: dict) -> tuple:
     return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
 
 
-def _batches(batches: Iterable) -> Iterator[Tuple[tuple, dict]]:
-    """Each batch as ``(args, kwargs)``: a tuple or list is positional arguments, a dict
-    keyword arguments, anything else (a tensor) the one argument; numpy arrays become tensors."""
-    if isinstance(batches, (torch.Tensor, np.ndarray)):
-        raise TypeError(
-            "batches must be an iterable of batches (a list of tensors, a DataLoader), not one "
-            "tensor: use EM.step for the whole data, or split it, e.g. data.split(10_000)."
-        )
+class _Batches:
+    """A re-iterable of batches, each as ``(args, kwargs)``: a tuple or list is positional
+    arguments, a dict keyword arguments, anything else (a tensor) the one argument; numpy
+    arrays become tensors."""
 
-    def convert(a):
-        return torch.as_tensor(a) if isinstance(a, np.ndarray) else a
+    def __init__(self, batches: Iterable):
+        if isinstance(batches, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                "batches must be an iterable of batches (a list of tensors, a DataLoader), not "
+                "one tensor: use EM.step for the whole data, or split it, e.g. data.split(10_000)."
+            )
+        self.batches = batches
 
-    for batch in batches:
-        if isinstance(batch, dict):
-            yield (), {k: convert(v) for k, v in batch.items()}
-        elif isinstance(batch, (tuple, list)):
-            yield tuple(convert(a) for a in batch), {}
-        else:
-            yield (convert(batch),), {}
+    def __iter__(self) -> Iterator[Tuple[tuple, dict]]:
+        for batch in self.batches:
+            if isinstance(batch, dict):
+                yield (), {k: _tensor(v) for k, v in batch.items()}
+            elif isinstance(batch, (tuple, list)):
+                yield tuple(_tensor(a) for a in batch), {}
+            else:
+                yield (_tensor(batch),), {}
+
+
+def _tensor(a: Any) -> Any:
+    return torch.as_tensor(a) if isinstance(a, np.ndarray) else a

@@ -61,17 +61,19 @@ def enum_model(model: Callable, first_available_dim: int) -> Callable:
     return poutine.enum(config_enumerate(model, default="parallel"), first_available_dim)
 
 
-def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, shapes_only: bool = False) -> Trace:
+def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, shapes_only: bool = False,
+                subsample: bool = False) -> Trace:
     """Trace ``model`` with parallel enumeration and compute packed log densities.
 
     :param shapes_only: give each site a log density of the right shape made of zeros (a
         broadcast view: no memory, no work), for analyses that need the trace's structure only.
+    :param subsample: allow plates that subsample (stepwise EM).
     :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
     """
     with model_errors(args, kwargs):
         trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
-    check_enumerated_trace(trace)
+    check_enumerated_trace(trace, subsample)
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
             fn, value = site["fn"], site["value"]
@@ -242,7 +244,8 @@ def align(tensor: torch.Tensor, dims: str) -> torch.Tensor:
     return tensor.permute(order).reshape(tuple(sizes.get(d, 1) for d in dims))
 
 
-def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int, temperature: int = 1) -> EStep:
+def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available_dim: int, temperature: int = 1,
+           subsample: bool = False) -> EStep:
     """Run the E-step: ``log Z`` and the posterior weight of every factor of ``model``.
 
     :param model: a Pyro model (MAP sites already replaced by params, see
@@ -252,11 +255,12 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     :param first_available_dim: the first dim free for enumeration, ``-max_plate_nesting - 1``.
     :param temperature: 1 for posterior marginals (EM); 0 for the indicator of the joint MAP
         completion of the latents (hard EM, as k-means), ``log_z`` then being its log density.
+    :param subsample: allow plates that subsample (stepwise EM).
     :returns: an :class:`EStep`.
     :raises ValueError: if the data are impossible (``log Z = -inf``) or a log density is NaN.
     """
     with torch.no_grad():  # the E-step needs no graph from the parameters to the terms
-        trace = trace_model(model, args, kwargs, first_available_dim)
+        trace = trace_model(model, args, kwargs, first_available_dim, subsample=subsample)
     leaves = OrderedDict((name, _leaf(t, trace.nodes[name])) for name, t in site_terms(trace).items())
     with torch.enable_grad():
         log_z, scale = log_marginal(trace, leaves, temperature)

@@ -9,8 +9,8 @@ its new mean) starts another pass over the batches, whose E-steps again run at
 batch (:class:`~pyro_em.gradient.Objective`). One batch (:meth:`EM.step`) keeps its E-step
 between passes; several (:meth:`EM.step_batches`) recompute theirs, so memory holds one batch.
 
-Terms that belong to no batch, the log prior densities of MAP-estimated sites outside every
-plate, are counted once: with the first batch of rank 0.
+Terms that belong to no batch, the log prior densities of MAP-estimated sites (whose values,
+like params, are shared by all batches), are counted once: with the first batch of rank 0.
 """
 
 from contextlib import contextmanager
@@ -159,11 +159,21 @@ class _Iteration:
 
     def planned(self, again: bool) -> Iterator[PlannedBatch]:
         """The batches with their plans: the first time from the iterator already begun."""
-        source = iter(self._batches) if again else self._iterator
         if not again:
             yield self._first.pop()
-        for args, kwargs in source:
+            for args, kwargs in self._iterator:
+                yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
+            return
+        empty = True
+        for args, kwargs in self._batches:
+            empty = False
             yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
+        if empty:
+            raise ValueError(
+                "batches gave no batch the second time through: an EM step passes over the "
+                "batches more than once, so give a re-iterable (a list, a DataLoader), not a "
+                "generator or iterator."
+            )
 
     def weighted(self, again: bool) -> Iterator[tuple]:
         """Each batch's ``(planned, parts, log_z, estep)`` at theta_old."""
@@ -259,19 +269,16 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
 
 
 def _without_global_terms(estep: EStep) -> EStep:
-    """``estep`` without the log prior of MAP sites outside every plate (counted once)."""
+    """``estep`` without the log prior densities of MAP sites (counted once, elsewhere)."""
     enumerated = enum_symbols(estep.trace)
     weights, log_z = dict(estep.weights), estep.log_z
     for name, site in estep.trace.nodes.items():
         if site["type"] != "sample" or not site["infer"].get(MAP_FLAG):
             continue
-        if any(f.vectorized for f in site["cond_indep_stack"]):
-            continue
         if not enumerated.isdisjoint(site["packed"]["unscaled_log_prob"]._pyro_dims):
             raise ValueError(
-                f"The prior of MAP site '{name}' depends on an enumerated latent outside every "
-                "plate: its term cannot be split among batches. Fit this model with EM.step on "
-                "all of the data."
+                f"The prior of MAP site '{name}' depends on an enumerated latent: its term "
+                "cannot be split among batches. Fit this model with EM.step on all of the data."
             )
         log_z = log_z - site["log_prob"].sum().to(log_z.dtype)
         weights[name] = torch.zeros_like(weights[name])

@@ -13,7 +13,7 @@ fitted online: the running statistics stand for the whole data.
 import numbers
 from typing import Any, Callable, Iterable, Tuple
 
-from .em import EM, _accepts_numpy, _batches
+from .em import EM, _Batches, _accepts_numpy
 from .iteration import Online
 
 
@@ -44,6 +44,8 @@ class OnlineEM(EM):
             for (batch,) in DataLoader(TensorDataset(data), batch_size=1000, shuffle=True):
                 em.step(batch)
     """
+
+    _subsample = True
 
     def __init__(self, model: Callable, *guide: Callable, decay: float = 0.6, **kwargs: Any):
         super().__init__(model, *guide, **kwargs)
@@ -90,7 +92,7 @@ class OnlineEM(EM):
 
     def _step_batches(self, batches: Iterable) -> Tuple[float, int]:
         loss, rows = 0.0, 0
-        for args, kwargs in _batches(batches):
+        for args, kwargs in _Batches(batches):
             loss += self.step(*args, **kwargs)
             rows += self._rows(args, kwargs)
         return loss, rows
