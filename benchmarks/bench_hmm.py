@@ -27,6 +27,8 @@ K, M = 8, 16
 
 
 def vectorized(start0, trans0, emit0):
+    K = start0.shape[-1]
+
     def model(X):
         start = pyro.param("start", start0.log())
         trans = pyro.param("trans", trans0.log())
@@ -56,6 +58,7 @@ def sequential(start0, trans0, emit0):
 
 def hmmlearn_iteration(X, init, implementation, m, repeat):
     S, T = X.shape
+    K = len(init[0])
     flat, lengths = X.reshape(-1, 1).numpy(), [T] * S
 
     def fit(n_iter):

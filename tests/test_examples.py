@@ -1,6 +1,7 @@
 """The examples run and find what they should."""
 
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,3 +72,25 @@ def test_casino(capsys, tmp_path):
     six = float(out.split("  loaded [")[2].split("]")[0].split(",")[5])
     accuracy = float(out.split("called right by the posterior:")[1].split("%")[0])
     assert six > 0.4 and accuracy > 75
+
+
+def _fitted_means(out):
+    return sorted(tuple(round(float(v)) for v in line.split("mean")[1].split()) for line in out.splitlines() if "mean" in line)
+
+
+def test_data_parallel_in_one_process_and_under_torchrun(capsys):
+    run("data_parallel.py", "-n", 8000, "--batch-size", 3000)
+    one = capsys.readouterr().out
+    assert "1 process(es)" in one and "converged" in one
+    assert _fitted_means(one) == [(0, 0, 0), (0, 0, 5), (0, 5, 0), (5, 0, 0)]
+    # The README's command, with 2 gloo processes on loopback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(EXAMPLES / "data_parallel.py"), "-n", "8000", "--batch-size", "3000"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    assert _fitted_means(proc.stdout) == _fitted_means(one)
+    loss = lambda out: float(out.split("loss ")[1].split()[0])  # noqa: E731
+    assert loss(proc.stdout) == pytest.approx(loss(one), rel=1e-6)
