@@ -91,10 +91,10 @@ def main(device, dtype, repeat, quick):
     print(f"{'':48s} {'pyro_em s/iter':>14s} {'peer s/iter':>12s} {'ratio':>7s}")
     N, D, K = sizes["gmm"]
     t_em, t_peer = gmm(N, D, K, device, dtype, repeat, m=1 if not quick else 3)
-    print(f"{f'GMM full cov. N={N:,} D={D} K={K} vs scikit-learn':48s} {t_em:14.4f} {t_peer:12.4f} {t_em / t_peer:7.3f}")
+    print(f"{f'GMM full cov. N={N:,} D={D} K={K} vs scikit-learn':48s} {t_em:14.4g} {t_peer:12.4g} {t_em / t_peer:7.4g}")
     S, T, K, M = sizes["hmm"]
     t_em, t_peer = hmm(S, T, K, M, device, dtype, repeat, m=1 if not quick else 3)
-    print(f"{f'DiscreteHMM {S:,} x {T:,} K={K} vs hmmlearn scaling':48s} {t_em:14.4f} {t_peer:12.4f} {t_em / t_peer:7.3f}")
+    print(f"{f'DiscreteHMM {S:,} x {T:,} K={K} vs hmmlearn scaling':48s} {t_em:14.4g} {t_peer:12.4g} {t_em / t_peer:7.4g}")
 
 
 if __name__ == "__main__":
