@@ -187,3 +187,30 @@ def test_online_em_on_a_subsampling_plate():
     assert losses[-1] == pytest.approx(em.evaluate_loss(data), rel=0.1)  # scaled to all of the data
     with pytest.raises(ValueError, match="OnlineEM"):
         EM(model).step(data, batch_size=100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_and_online_on_device_and_dtype(device, dtype):
+    data = torch.cat([torch.randn(300, 2) - 2, torch.randn(200, 2) + 2]).to(device, dtype)
+
+    @pyro.infer.config_enumerate
+    def model(x):
+        w = pyro.param("w", torch.ones(2, device=x.device, dtype=x.dtype) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([[-1.0, 0.0], [1.0, 0.0]], device=x.device, dtype=x.dtype))
+        L = pyro.param("L", torch.eye(2, device=x.device, dtype=x.dtype).expand(2, 2, 2).clone(),
+                       constraint=constraints.lower_cholesky)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.MultivariateNormal(locs[z], scale_tril=L[z]), obs=x)
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    full = _iterates(lambda: EM(model), lambda em: em.step(data), 3)
+    streamed = _iterates(lambda: EM(model), lambda em: em.step_batches(data.split(128)), 3)
+    for (_, a), (_, b) in zip(full, streamed):
+        for name in a:
+            assert a[name].device.type == device.type and a[name].dtype == dtype
+            assert torch.allclose(a[name], b[name], rtol=tol, atol=tol), name
+    pyro.clear_param_store()
+    online = OnlineEM(model)
+    online.step_batches(data[torch.randperm(len(data), device=device)].split(50))
+    assert pyro.param("locs").device.type == device.type
