@@ -26,6 +26,11 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def _device() -> torch.device:
+    """Where the group's collectives run: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce(tensor: torch.Tensor, error: Optional[BaseException] = None) -> torch.Tensor:
     """``tensor`` summed over the processes (itself without a process group).
 
@@ -37,8 +42,8 @@ def all_reduce(tensor: torch.Tensor, error: Optional[BaseException] = None) -> t
         if error is not None:
             raise error
         return tensor
-    flat = torch.cat([torch.zeros_like(tensor).reshape(-1) if error is not None else tensor.reshape(-1),
-                      tensor.new_ones(1) * (error is not None)])
+    values = torch.zeros_like(tensor) if error is not None else tensor
+    flat = torch.cat([values.reshape(-1), values.new_ones(1) * (error is not None)]).to(_device())
     dist.all_reduce(flat)
     if error is not None:
         raise error
@@ -47,7 +52,13 @@ def all_reduce(tensor: torch.Tensor, error: Optional[BaseException] = None) -> t
             "Another process of the torch.distributed group failed during this EM step (its "
             "error is shown by that process); the param store keeps its values before the step."
         )
-    return flat[:-1].reshape(tensor.shape)
+    return flat[:-1].reshape(tensor.shape).to(tensor.device)
+
+
+def check(error: Optional[BaseException]) -> None:
+    """Raise ``error`` if this process met it, and a ``RuntimeError`` in every other process
+    (see :func:`all_reduce`); nothing if no process failed."""
+    all_reduce(torch.zeros(1), error)
 
 
 def broadcast_params(names: Iterable[str]) -> None:
@@ -57,4 +68,7 @@ def broadcast_params(names: Iterable[str]) -> None:
     store = pyro.get_param_store()
     with torch.no_grad():
         for name in sorted(names):
-            dist.broadcast(store[name].unconstrained().data, src=0)
+            param = store[name].unconstrained()
+            value = param.detach().to(_device())
+            dist.broadcast(value, src=0)
+            param.copy_(value)

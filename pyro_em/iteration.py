@@ -122,22 +122,12 @@ def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online]
         em._plans.clear()  # the param store was cleared: plan afresh
     with _rollback_new_params():
         iterator = iter(batches)
-        first = next(iterator, None)
-        if first is None:
-            raise ValueError("batches is empty: give every process at least one batch of model arguments.")
-        planned = em._plan_batch(*first, cache=cache)
-        if not planned.plan.params:
-            raise ValueError(
-                "The model has no pyro.param and no continuous latent site to estimate: "
-                "there is nothing for EM to fit."
-            )
-        if online is not None and planned.plan.gradient:
-            name, why = next(iter(planned.plan.gradient.items()))
-            raise ValueError(
-                f"Online EM updates params from running sufficient statistics, but param '{name}' "
-                f"has no closed-form update ({why}). Use step_batches/fit_batches (exact EM over "
-                "all batches) or SVI for this model."
-            )
+        planned, error = None, None
+        try:
+            planned = _plan_first(em, iterator, online, cache)
+        except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
+            error = e
+        distributed.check(error)
         distributed.broadcast_params(planned.plan.params)
         params = {name: store[name].unconstrained() for name in planned.plan.params}
         with _transaction(params):
@@ -147,12 +137,31 @@ def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online]
     return result
 
 
+def _plan_first(em: "EM", iterator: Iterator[Batch], online: Optional[Online], cache: bool) -> PlannedBatch:
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("batches is empty: give every process at least one batch of model arguments.")
+    planned = em._plan_batch(*first, cache=cache)
+    if not planned.plan.params:
+        raise ValueError(
+            "The model has no pyro.param and no continuous latent site to estimate: "
+            "there is nothing for EM to fit."
+        )
+    if online is not None and planned.plan.gradient:
+        name, why = next(iter(planned.plan.gradient.items()))
+        raise ValueError(
+            f"Online EM updates params from running sufficient statistics, but param '{name}' "
+            f"has no closed-form update ({why}). Use step_batches/fit_batches (exact EM over "
+            "all batches) or SVI for this model."
+        )
+    return planned
+
+
 class _Iteration:
     def __init__(self, em, planned, iterator, batches, params, keep, online, cache):
         self.em, self.plan, self.params, self.keep, self.online = em, planned.plan, params, keep, online
-        self.cache = cache
+        self.cache, self.first = cache, planned
         self.old = {name: p.detach().clone() for name, p in params.items()}
-        self._first = [planned]
         self._iterator, self._batches = iterator, batches
         self._kept: List[tuple] = []
         self._rank = distributed.rank()
@@ -160,7 +169,7 @@ class _Iteration:
     def planned(self, again: bool) -> Iterator[PlannedBatch]:
         """The batches with their plans: the first time from the iterator already begun."""
         if not again:
-            yield self._first.pop()
+            yield self.first
             for args, kwargs in self._iterator:
                 yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
             return
@@ -180,31 +189,33 @@ class _Iteration:
         if again and self.keep:
             yield from self._kept
             return
-        for i, pb in enumerate(self.planned(again)):
-            with _values(self.params, self.old, again):
-                item = (pb, *_e_step(self.em, pb, drop_global=i > 0 or self._rank > 0))
+        for i, pb in enumerate(self.planned(again)):  # the store holds theta_old until write()
+            item = (pb, *_e_step(self.em, pb, drop_global=i > 0 or self._rank > 0))
             if self.keep:
                 self._kept.append(item)
             yield item
 
     def run(self) -> Tuple[float, int]:
         em, plan = self.em, self.plan
-        pending, new = list(self._first[0].updates.closed_form), {}
+        pending, new = list(self.first.updates.closed_form), {}
         loss, rows, again = None, 0, False
         while not again or pending:
-            stats, solvers, cut = {}, {}, len(pending)
-            for pb, parts, log_z, _ in self.weighted(again):
-                if not again:
-                    loss, rows = log_z if loss is None else loss + log_z, rows + pb.rows
-                own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, em.reg_covar)
-                cut = min(cut, n)
-                for name in pending[:cut]:
-                    solvers.setdefault(name, own_solvers[name])
-                    stats[name] = _add(stats.get(name), own[name])
+            stats, solvers, cut, error = {}, {}, len(pending), None
+            try:
+                for pb, parts, log_z, _ in self.weighted(again):
+                    if not again:
+                        loss, rows = log_z if loss is None else loss + log_z, rows + pb.rows
+                    own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, em.reg_covar)
+                    cut = min(cut, n)
+                    for name in pending[:cut]:
+                        solvers.setdefault(name, own_solvers[name])
+                        stats[name] = _add(stats.get(name), own[name])
+            except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
+                error = e
+            distributed.check(error)
             if not again:
                 loss = float(distributed.all_reduce(loss.reshape(1))[0])
-            stage = {name: stats[name] for name in pending[:cut]}
-            stage = _all_reduce_stats(stage)
+            stage = _all_reduce_stats({name: stats[name] for name in pending[:cut]})
             if self.online is not None:
                 stage = self.online.blend(stage)
             for name, s in stage.items():
@@ -239,7 +250,7 @@ class _Pieces:
             return
         for i, pb in enumerate(it.planned(True)):
             def piece(pb=pb, drop=i > 0 or it._rank > 0):
-                with _values(it.params, it.old, True):
+                with _values(it.params, it.old):
                     estep = _e_step(em, pb, drop)[2]
                 return expected_log_joint(estep, em._trace(pb.args, pb.kwargs))
 
@@ -321,11 +332,8 @@ def _all_reduce_stats(stats: Stats) -> Stats:
 
 
 @contextmanager
-def _values(params: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor], swap: bool = True) -> Iterator[None]:
+def _values(params: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor]) -> Iterator[None]:
     """Give ``params`` (unconstrained, in place) ``values`` inside the block, then their own."""
-    if not swap:
-        yield
-        return
     saved = {name: p.detach().clone() for name, p in params.items()}
     with torch.no_grad():
         for name, p in params.items():

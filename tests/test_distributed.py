@@ -3,6 +3,7 @@ shard of the data, make the same iterates as one process on all of it."""
 
 import os
 import tempfile
+import time
 
 import pyro
 import pytest
@@ -53,6 +54,16 @@ def _worker(rank, world, init_file, out_dir):
         seqs = range(rank, len(sequences), world)  # every other sequence, in batches of 2
         batches = [(sequences[list(seqs)[i : i + 2]], lengths[list(seqs)[i : i + 2]], args) for i in range(0, len(seqs), 2)]
         out = _run((t[shard], x[shard]), batches, seed=rank)
+        # Bad data in one process: every process raises, none waits forever, params unchanged.
+        before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        bad = batches[0][0].clone()
+        if rank == 1:
+            bad[0, 0, 0] = float("nan")
+        try:
+            EM(hmm_1, map_space="unconstrained").step_batches([(bad, *batches[0][1:])])
+        except (ValueError, RuntimeError) as e:
+            out["failure"] = (type(e).__name__, str(e))
+        out["unchanged"] = all(torch.equal(v, pyro.get_param_store()[k].detach()) for k, v in before.items())
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -62,8 +73,17 @@ def test_two_gloo_processes_make_the_iterates_of_one_on_all_the_data():
     (t, x), (sequences, lengths, args) = _data()
     expected = _run((t, x), [(sequences, lengths, args)], seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        context = mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=False)
+        deadline = time.monotonic() + 240
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:  # a process waits forever for the other
+                for process in context.processes:
+                    process.kill()
+                pytest.fail("the processes did not finish: a collective is waiting for a process")
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    assert ranks[0]["failure"][0] == "RuntimeError" and "Another process" in ranks[0]["failure"][1]
+    assert ranks[1]["failure"][0] == "ValueError" and "NaN" in ranks[1]["failure"][1]
+    assert ranks[0]["unchanged"] and ranks[1]["unchanged"]
     for case in ("mixture", "hmm"):
         for step, (loss, params) in enumerate(expected[case]):
             for got in ranks:
