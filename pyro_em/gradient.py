@@ -64,11 +64,42 @@ class GradientMStep:
     def _lbfgs(self, objective: "Objective", named: Dict[str, torch.Tensor]) -> List[str]:
         params = list(named.values())
         start = [p.detach().clone() for p in params]
-        q0, g0, _ = objective(1, strict=True)  # a model that fails at the current values fails here, loudly
+        small = objective.size <= self.newton_size
+        order = 2 if small else 1
+        q0, g0, h0 = objective(order, strict=True)  # a model that fails here fails loudly
         # Work with Q relative to its size so the tolerances do not depend on the data size.
         norm = max(abs(float(q0)), 1.0)
         eps = torch.finfo(params[0].dtype).eps
         tolerance_grad = eps**0.5 * 1e-2
+        # Small blocks: Newton's method on the exact Hessian first (a quadratic Q, as a
+        # weighted least-squares mean's, is solved in one step); L-BFGS where it cannot go on.
+        q1, g1, h1, done = _newton(objective, params, norm, q0, g0, h0, 20, first=True) if small else (q0, g0, h0, False)
+        if not done:
+            reached = [p.detach().clone() for p in params]
+            self._run_lbfgs(objective, params, norm, eps, tolerance_grad)
+            q2, g2, h2 = objective(order)
+            if bool(q2 > q1):
+                q1, g1, h1 = q2, g2, h2
+            else:  # L-BFGS's line search can stall on rejected trial points
+                _restore(params, reached)
+                if not bool(q1 > q0):
+                    _backtracking_ascent(objective, params, q0, g0)
+                    q1, g1, h1 = objective(order)
+            _check_collapse(named, start, _split(g1, params), norm)
+            if small:
+                q1 = _newton(objective, params, norm, q1, g1, h1, 8)[0]
+        else:
+            _check_collapse(named, start, _split(g1, params), norm)
+        for p in params:
+            p.grad = None
+        if not bool(q1 >= q0):
+            _restore(params, start)
+            q1 = q0
+        moved = [not torch.equal(p.detach(), p0) for p, p0 in zip(params, start)]
+        steep = [bool((g.abs() / norm > 1e3 * tolerance_grad).any()) for g in _split(g0, params)]
+        return [name for name, m, st in zip(named, moved, steep) if st and not m]
+
+    def _run_lbfgs(self, objective: "Objective", params: List[torch.Tensor], norm: float, eps: float, tolerance_grad: float) -> None:
         optimizer = torch.optim.LBFGS(
             params,
             lr=1.0,
@@ -88,23 +119,6 @@ class GradientMStep:
             return -q / norm
 
         optimizer.step(closure)
-        newton = 2 if objective.size <= self.newton_size else 1
-        q1, g1, h1 = objective(newton)
-        if not bool(q1 > q0):  # L-BFGS's line search can stall on rejected trial points
-            _restore(params, start)
-            _backtracking_ascent(objective, params, q0, g0)
-            q1, g1, h1 = objective(newton)
-        _check_collapse(named, start, _split(g1, params), norm)
-        if newton == 2:
-            q1 = _newton_polish(objective, params, norm, q1, g1, h1)
-        for p in params:
-            p.grad = None
-        if not bool(q1 >= q0):
-            _restore(params, start)
-            q1 = q0
-        moved = [not torch.equal(p.detach(), p0) for p, p0 in zip(params, start)]
-        steep = [bool((g.abs() / norm > 1e3 * tolerance_grad).any()) for g in _split(g0, params)]
-        return [name for name, m, st in zip(named, moved, steep) if st and not m]
 
 
 class Objective:
@@ -242,41 +256,53 @@ def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], g
             )
 
 
-def _newton_polish(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor,
-                   g: torch.Tensor, h: torch.Tensor, max_steps: int = 8) -> torch.Tensor:
-    """Finish L-BFGS's work with Newton steps on the exact Hessian of ``Q``, so that the M-step
-    is solved to round-off, as an exact EM step must be. ``q``, ``g`` and ``h`` are ``Q``, its
-    gradient and Hessian at the current params. A step is kept only if ``Q`` does not fall and
-    the Hessian is negative semi-definite; otherwise L-BFGS's point stands.
+def _newton(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor, g: torch.Tensor,
+            h: torch.Tensor, max_steps: int, first: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Newton steps on the exact Hessian of ``Q``, from params where ``Q`` is ``q`` with
+    gradient ``g`` and Hessian ``h``, so that the M-step is solved to round-off, as an exact
+    EM step must be. Each step is the pseudo-inverse of ``-H`` applied to the gradient (``-H``
+    is positive semi-definite at a maximum; its null space, a softmax's shift invariance or
+    params ``Q`` ignores, is orthogonal to the gradient), halved until ``Q`` does not fall.
 
-    :returns: ``Q`` at the params left in place.
+    :param first: Newton before L-BFGS: give up where ``Q``'s gradient has a component along
+        directions without curvature (a collapse, say), which L-BFGS and its checks handle.
+    :returns: ``(q, g, h, converged)`` at the params left in place (``converged``: the last
+        step gained less than round-off, and was taken unchecked); not when the Hessian is not negative
+        semi-definite or no step helps (the caller goes on by L-BFGS).
     """
     if not bool(torch.isfinite(q)) or not all(bool(torch.isfinite(p).all()) for p in params):
-        return q  # structural zeros (-inf) have no Newton step
+        return q, g, h, False  # structural zeros (-inf) have no Newton step
     eps = torch.finfo(params[0].dtype).eps
     for _ in range(max_steps):
-        # -H is positive semi-definite at a maximum; its null space (a softmax's shift
-        # invariance, params Q ignores) is orthogonal to the gradient, so the pseudo-inverse
-        # gives the step.
         neg_hessian = -h / norm
         if not bool(torch.isfinite(neg_hessian).all()):
-            return q
+            return q, g, h, False
         evals, evecs = torch.linalg.eigh(neg_hessian)
         top = float(evals.abs().max())
         if top == 0 or float(evals.min()) < -1e-8 * top:
-            return q
+            return q, g, h, False
         keep = evals > eps**0.5 * top
+        if first and bool(((evecs[:, ~keep].T @ (g / norm)).abs() > eps**0.5).any()):
+            return q, g, h, False  # Q climbs where it has no curvature: leave it to L-BFGS
         step = evecs[:, keep] @ ((evecs[:, keep].T @ (g / norm)) / evals[keep])
+        if float(step @ (g / norm)) / 2 <= 4 * eps * max(1.0, abs(float(q)) / norm):
+            # Q cannot tell this step's gain from round-off, but the params can: take it
+            # (quadratic convergence) without evaluating Q again.
+            with torch.no_grad():
+                for p, s in zip(params, _split(step, params)):
+                    p.add_(s)
+            return q, g, h, True
         saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, s in zip(params, _split(step, params)):
-                p.add_(s)
-        q_new, g_new, h_new = objective(2)
-        if not bool(q_new >= q - 4 * eps * max(norm, abs(float(q)))):
+        for _ in range(10):
+            with torch.no_grad():
+                for p, p0, s in zip(params, saved, _split(step, params)):
+                    p.copy_(p0 + s)
+            q_new, g_new, h_new = objective(2)
+            if bool(torch.isfinite(q_new)) and bool(q_new >= q - 4 * eps * max(norm, abs(float(q)))):
+                break
+            step = step / 2
+        else:
             _restore(params, saved)
-            return q
+            return q, g, h, False
         q, g, h = q_new, g_new, h_new
-        scale = max(1.0, max(float(p.detach().abs().max()) for p in params))
-        if float(step.abs().max()) <= 4 * eps * scale:
-            return q
-    return q
+    return q, g, h, False

@@ -24,16 +24,16 @@ def _iterates(make_em, step, steps):
     return out
 
 
-def assert_same_iterates(model, full, batches, steps=4, **em_kwargs):
+def assert_same_iterates(model, full, batches, steps=4, tol=1e-8, **em_kwargs):
     """``steps`` EM steps on ``full`` (model arguments) and on ``batches`` give the same losses
-    and params (1e-8), and the params move."""
+    and params (``tol``), and the params move."""
     a = _iterates(lambda: EM(model, **em_kwargs), lambda em: em.step(*full), steps)
     b = _iterates(lambda: EM(model, **em_kwargs), lambda em: em.step_batches(batches), steps)
     for (la, pa), (lb, pb) in zip(a, b):
         assert lb == pytest.approx(la, rel=1e-10, abs=1e-8)
         assert pa.keys() == pb.keys()
         for name in pa:
-            assert torch.allclose(pa[name], pb[name], rtol=1e-8, atol=1e-8), name
+            assert torch.allclose(pa[name], pb[name], rtol=tol, atol=tol), name
     assert any(not torch.allclose(a[0][1][n], a[-1][1][n]) for n in a[0][1])
 
 
@@ -86,10 +86,13 @@ def test_pyro_hmm_example_over_batches_of_sequences():
 
 def test_capture_recapture_over_batches_of_animals():
     """examples/capture_recapture/cjs.py model 1: survival and recapture MAP sites with
-    Uniform priors take the gradient M-step, summed over batches."""
+    Uniform priors take the gradient M-step, summed over batches. The model computes
+    ``mask.float() * phi`` in float32 (a 0-dim float64 param does not promote a float32
+    tensor), so Q's gradient in phi sums float32 round-off in an order that depends on the
+    batches: 1e-6, not 1e-8."""
     history, sex = capture_history(N=30, T=5)
     batches = [(h, sex) for h in history.split(11)]
-    assert_same_iterates(cjs_1, (history, sex), batches, steps=2)
+    assert_same_iterates(cjs_1, (history, sex), batches, steps=2, tol=1e-6)
 
 
 def test_discrete_hmm_over_a_dataloader():
