@@ -7,7 +7,11 @@ hmmlearn's time per iteration is the difference between fits with n_iter=1 and n
 for its default ``implementation="log"`` and for ``"scaling"``; pyro_em's is a steady-state
 ``EM.step``.
 
-Run:  python benchmarks/bench_hmm.py [--repeat 3]
+With ``--scan``, times instead the two forward-backward algorithms of ``pyro_em.hmm`` (the
+scaled sequential recursions and the log-depth parallel one) over a grid of sizes, the
+measurements behind ``pyro_em.hmm.use_parallel``'s choice on the CPU.
+
+Run:  python benchmarks/bench_hmm.py [--repeat 3] [--scan]
 Needs hmmlearn (``pip install -e ".[test]"``).
 """
 
@@ -96,7 +100,32 @@ def main(repeat):
         print(f"{'pyro_em ' + form + ', ' + f'{S} x {T}':42s} {t_em:8.4f} {t_em / t_log:7.2f} {t_em / t_scaling:10.2f}")
 
 
+def scan(repeat):
+    """Seconds per forward-backward pass, sequential and parallel, and what auto chooses."""
+    from pyro_em import hmm as H
+
+    torch.set_default_dtype(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    device = torch.device("cpu")
+    print(f"forward-backward, float64, CPU, torch threads={torch.get_num_threads()}")
+    print(f"{'S':>5s} {'T':>7s} {'K':>3s} {'sequential':>11s} {'parallel':>10s} {'auto picks':>11s}")
+    for S, T, K in [(1, 10_000, 2), (1, 10_000, 4), (1, 10_000, 8), (1, 10_000, 16), (8, 2000, 4),
+                    (8, 2000, 8), (50, 2000, 8), (1, 256, 4), (1, 128, 4)]:
+        fn = dist.DiscreteHMM(torch.randn(K, generator=g).log_softmax(-1), torch.randn(K, K, generator=g).log_softmax(-1),
+                              dist.Categorical(torch.randn(K, 6, generator=g).softmax(-1)))
+        X = torch.randint(6, (S, T), generator=g)
+        times = []
+        for parallel in (False, True):
+            H.PARALLEL = parallel
+            times.append(best_time(lambda: H.forward_backward(fn, X), repeat))
+        H.PARALLEL = None
+        pick = "parallel" if H.use_parallel(S, T, K, device) else "sequential"
+        print(f"{S:5d} {T:7d} {K:3d} {times[0]:11.4f} {times[1]:10.4f} {pick:>11s}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    main(parser.parse_args().repeat)
+    parser.add_argument("--scan", action="store_true", help="sequential against parallel forward-backward")
+    args = parser.parse_args()
+    scan(args.repeat) if args.scan else main(args.repeat)

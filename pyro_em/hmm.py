@@ -8,12 +8,22 @@ probability space with per-step normalization (Rabiner's scaling, as in hmmlearn
 posteriors come out of one pass: the start state's, the pairwise ``(z[t-1], z[t])`` ones of
 the transitions (xi) and the per-step ones of the observations (gamma), which are exactly
 the weights of Baum-Welch's closed-form updates.
+
+:func:`parallel_forward_backward` is the log-depth alternative (as dynamax's parallel
+smoother, Särkkä and García-Fernández 2021): ``log Z`` by Pyro's own tree of log-space matrix
+products, every posterior as its gradient. It does K times the work but only ``2 log2 T``
+sequential steps, so it wins where each sequential step is cheap but many (a GPU, or few short
+state spaces over long sequences); :func:`forward_backward` chooses (see
+:func:`use_parallel`).
 """
 
-from typing import NamedTuple, Tuple
+import functools
+import operator
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions import DiscreteHMM
+from pyro.distributions.hmm import _sequential_logmatmulexp
 
 from .tracking import compact
 
@@ -24,8 +34,8 @@ class HMMPosterior(NamedTuple):
     :ivar log_z: ``(...)`` log likelihood of each sequence.
     :ivar initial: ``(..., K)`` posterior of ``z[-1]``.
     :ivar observation: ``(..., T, K)`` posterior of ``z[t]``.
-    :ivar transition_factors: three tensors whose product, ``(..., T, K, K)``, is the posterior
-        of ``(z[t-1], z[t])``; kept apart so that expected counts are one contraction.
+    :ivar transition_factors: tensors whose product, ``(..., T, K, K)``, is the posterior of
+        ``(z[t-1], z[t])``; kept apart so that expected counts are one contraction.
     """
 
     log_z: torch.Tensor
@@ -36,15 +46,14 @@ class HMMPosterior(NamedTuple):
     @property
     def transition(self) -> torch.Tensor:
         """``(..., T, K, K)`` posterior of ``(z[t-1], z[t])``."""
-        a, b, c = self.transition_factors
-        return a * b * c
+        return functools.reduce(operator.mul, self.transition_factors)
 
     def scaled(self, weight: torch.Tensor) -> "HMMPosterior":
         """The posteriors times a per-sequence ``weight`` (a site's scale and mask)."""
-        a, b, c = self.transition_factors
+        first, *rest = self.transition_factors
         return HMMPosterior(
             self.log_z, self.initial * weight[..., None], self.observation * weight[..., None, None],
-            (a * weight[..., None, None, None], b, c),
+            (first * weight[..., None, None, None], *rest),
         )
 
 
@@ -105,23 +114,53 @@ def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 _last_forward: list = []  # (fn, value, _Forward) of the latest E-step, reused by forward_backward
 
 
+#: ``None`` to choose per call (:func:`use_parallel`); ``True`` or ``False`` to force.
+PARALLEL: Optional[bool] = None
+
+
+def use_parallel(batch: int, T: int, K: int, device: torch.device) -> bool:
+    """Whether :func:`parallel_forward_backward` is the faster here: always on a GPU (a
+    sequential step is a kernel launch), on a CPU for long sequences whose steps carry little
+    work (``batch * K**3`` small: the parallel tree's K^3 work per step against the sequential
+    loop's Python overhead). Measured by ``benchmarks/bench_hmm.py --scan``."""
+    if PARALLEL is not None:
+        return PARALLEL
+    if device.type != "cpu":
+        return T > 1
+    return T >= 64 and batch * K**3 <= 16384
+
+
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` by the scaled forward pass (not differentiable). The pass is kept
-    for a :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
+    """``fn.log_prob(value)`` by a forward pass (not differentiable). The pass is kept for a
+    :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
+    factors = hmm_factors(fn, value)
+    if _parallel(*factors):
+        post = parallel_forward_backward(*factors)
+        _last_forward[:] = [fn, value, post]
+        return post.log_z
     with torch.no_grad():
-        fwd = _forward(*hmm_factors(fn, value))
+        fwd = _forward(*factors)
     _last_forward[:] = [fn, value, fwd]
     return fwd.log_z
 
 
+def _parallel(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> bool:
+    batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2]).numel()
+    return use_parallel(batch, obs.shape[-2], obs.shape[-1], obs.device)
+
+
 def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
-    """The log likelihood and every posterior of ``fn`` at ``value`` (see :class:`HMMPosterior`)."""
+    """The log likelihood and every posterior of ``fn`` at ``value`` (see :class:`HMMPosterior`),
+    by the scaled forward-backward recursions or :func:`parallel_forward_backward`."""
+    cached = _last_forward[2] if _last_forward and _last_forward[0] is fn and _last_forward[1] is value else None
+    _last_forward.clear()
+    if isinstance(cached, HMMPosterior):
+        return cached
+    factors = hmm_factors(fn, value) if cached is None else None
+    if cached is None and _parallel(*factors):
+        return parallel_forward_backward(*factors)
     with torch.no_grad():
-        if _last_forward and _last_forward[0] is fn and _last_forward[1] is value:
-            fwd = _last_forward[2]
-        else:
-            fwd = _forward(*hmm_factors(fn, value))
-        _last_forward.clear()
+        fwd = cached if cached is not None else _forward(*factors)
         T = fwd.scales.shape[0]
         # betas[t] is p(x[t+1:] | z[t]) divided by the later scales, so alphas[t+1] * betas[t]
         # is the posterior of z[t]; b_beta[t] = b[t] * betas[t] / scales[t], and the loop
@@ -137,6 +176,23 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
         observation = (prev.unsqueeze(-2) @ fwd.probs).squeeze(-2) * b_beta
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
         return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, observation, factors)
+
+
+def parallel_forward_backward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> HMMPosterior:
+    """Every posterior of an HMM with log factors ``initial (..., K)``, ``trans (..., T, K, K)``
+    and ``obs (..., T, K)`` (see :func:`hmm_factors`) in ``O(log T)`` sequential steps: ``log Z``
+    is a tree of log-space matrix products (Pyro's, as ``DiscreteHMM.log_prob``), and
+    ``d log Z / d factor`` is the posterior of that factor's states, so one backward pass
+    through the tree gives the start state's, each transition's (pairwise) and each step's.
+    """
+    batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
+    with torch.enable_grad():
+        init = initial.detach().expand(batch + initial.shape[-1:]).requires_grad_()
+        # One (K, K) factor per step: the transition into z[t] and the observation of z[t].
+        steps = (trans.detach() + obs.detach().unsqueeze(-2)).expand(batch + trans.shape[-3:]).contiguous().requires_grad_()
+        log_z = (init.unsqueeze(-1) + _sequential_logmatmulexp(steps)).logsumexp(-1).logsumexp(-1)
+        g_init, g_steps = torch.autograd.grad(log_z.sum(), [init, steps])
+    return HMMPosterior(log_z.detach(), g_init, g_steps.sum(-2), (g_steps,))
 
 
 def viterbi(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:

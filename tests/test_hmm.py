@@ -14,7 +14,7 @@ from pyro.infer import config_enumerate, infer_discrete
 from torch.distributions import constraints
 
 from pyro_em import EM
-from pyro_em.hmm import viterbi
+from pyro_em.hmm import forward_backward, parallel_forward_backward, viterbi
 
 K, D, M, ITERS = 3, 2, 4, 5
 LENGTHS = [25, 17, 30]
@@ -125,12 +125,15 @@ def make_case(family, g):
     return init, seqs, reference, emission, params
 
 
-@pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized"])
+@pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized", "sequential-scan", "vectorized-scan"])
 @pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
 def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, monkeypatch):
-    """"sequential" runs fused into one DiscreteHMM; "sequential-traced" the general path."""
+    """"sequential" runs fused into one DiscreteHMM; "sequential-traced" the general path;
+    "-scan" forms use the log-depth parallel forward-backward."""
     if form == "sequential-traced":
         monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *args: None)
+    monkeypatch.setattr("pyro_em.hmm.PARALLEL", form.endswith("-scan"))
+    form = form.replace("-scan", "")
     g = torch.Generator().manual_seed(0)
     init, seqs, reference, emission, emission_params = make_case(family, g)
     reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
@@ -232,3 +235,29 @@ def test_chains_that_cannot_be_fused_take_the_general_path(variant):
     losses = [em.step(X) for _ in range(3)]
     assert em.fused_chain is None
     assert losses[2] <= losses[1] <= losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parallel_forward_backward_equals_the_sequential_one(dtype):
+    """Log-depth (a tree of log-space matrix products, posteriors by its gradient) against
+    the scaled sequential recursions: time-varying transitions with structural zeros
+    (left-right), masked steps, an initial distribution shared by all sequences, an odd T."""
+    g = torch.Generator().manual_seed(0)
+    S, T, K, M = 4, 37, 5, 6
+    trans = random_simplex(g, T, K, K).triu().log()  # left-right: zeros below the diagonal
+    trans = trans - trans.logsumexp(-1, keepdim=True)
+    emit = random_simplex(g, K, M)
+    X = torch.randint(M, (S, T), generator=g)
+    mask = torch.rand(S, T, 1, generator=g) > 0.2
+    fn = dist.DiscreteHMM(random_simplex(g, K).log().to(dtype), trans.to(dtype),
+                          dist.Categorical(emit.to(dtype)).expand((S, T, K)).mask(mask))
+    from pyro_em.hmm import hmm_factors
+
+    expected = forward_backward(fn, X)
+    got = parallel_forward_backward(*hmm_factors(fn, X))
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.log_z, expected.log_z, **tol)
+    torch.testing.assert_close(got.log_z, fn.log_prob(X), **tol)
+    for name in ("initial", "observation", "transition"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name).expand_as(getattr(got, name)), **tol)
+    assert bool((got.transition[..., 1:, :, :].tril(-1) == 0).all())  # structural zeros stay zero
