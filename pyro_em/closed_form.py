@@ -166,9 +166,10 @@ def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_
     """The two traces a plan is made from: ``tracked``, run under autograd with param values
     :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log-density *shapes* (no
     log density is computed, so planning costs no more memory than running the model)."""
-    with torch.enable_grad(), model_errors(args, kwargs):
+    # Argument checks are the E-step's job (it runs next, on the same data): skipped here.
+    with torch.enable_grad(), model_errors(args, kwargs), pyro.validation_enabled(False):
         tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):
         scored = trace_model(model, args, kwargs, first_available_dim, shapes_only=True, subsample=subsample)
     return prune_subsample_sites(tracked), scored
 
@@ -207,6 +208,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
 
     uses: Dict[str, List[Use]] = defaultdict(list)
     reasons: Dict[str, str] = {}
+    memo: dict = {}  # graph nodes -> the params behind them, shared by all sites
     for site_name, site in tracked.nodes.items():
         if site["type"] != "sample":
             continue
@@ -214,7 +216,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         for part, fn, value, _ in components(site["fn"], site["value"], None):
             for arg, t in distribution_args(fn, value).items():
                 if not isinstance(t, Tracked):
-                    for p in param_dependencies(t, leaves):
+                    for p in param_dependencies(t, leaves, memo):
                         reasons.setdefault(p, f"enters site '{site_name}' through a computation")
                     continue
                 ids = compact(t.ids)
@@ -238,7 +240,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         # A param may also reach the log density along a path no argument shows.
         reached = set()
         for t in _reachable_tensors([site["fn"], site["value"]]):
-            reached |= param_dependencies(t, leaves)
+            reached |= param_dependencies(t, leaves, memo)
         for p in reached - direct:
             reasons.setdefault(p, f"enters site '{site_name}' through a computation")
 

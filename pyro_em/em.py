@@ -238,7 +238,7 @@ class EM:
         """A trace that shows the model's plates, as cheap as a trace can be: latents are
         enumerated on dims far to the left (so ``locs[z]`` is K rows, not one per datum), with
         no autograd. A model that resists that is traced with sampled latents instead."""
-        with poutine.block(), torch.no_grad(), model_errors(args, kwargs):
+        with poutine.block(), torch.no_grad(), model_errors(args, kwargs), pyro.validation_enabled(False):
             try:
                 return poutine.trace(enum_model(self.fitted_model, -_PROBE_DIMS)).get_trace(*args, **kwargs)
             except (ValueError, RuntimeError, IndexError):

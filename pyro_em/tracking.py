@@ -19,7 +19,6 @@ import torch
 from pyro.distributions.distribution import COERCIONS
 from pyro.distributions.util import broadcast_all
 from pyro.poutine.messenger import Messenger
-from torch.utils._pytree import tree_map
 
 # Ops that only move elements around: ids follow by the same op.
 _MOVES = {
@@ -121,10 +120,19 @@ class Tracked(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        plain = tree_map(_plain, (args, kwargs))
+        # Arguments hold tensors at most one level down (torch.cat's list): a shallow map is
+        # enough, and much cheaper than a pytree walk on every operation of the model.
+        plain_args = tuple(_plain_shallow(a) for a in args)
+        plain_kwargs = {k: _plain_shallow(v) for k, v in kwargs.items()}
         with torch._C.DisableTorchFunctionSubclass():
-            out = func(*plain[0], **plain[1])
+            out = func(*plain_args, **plain_kwargs)
         return _propagate(func, args, kwargs, out)
+
+
+def _plain_shallow(x):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(a) for a in x)
+    return _plain(x)
 
 
 def _plain(x):
@@ -174,7 +182,7 @@ def _propagate(func, args, kwargs, out):
     if func in _MOVES and src.role in ("value", "normalized"):
         ids_args = (src.ids,) + tuple(_plain(a) for a in args[1:])
         with torch._C.DisableTorchFunctionSubclass():
-            ids = func(*ids_args, **tree_map(_plain, kwargs))
+            ids = func(*ids_args, **{k: _plain_shallow(v) for k, v in kwargs.items()})
         return Tracked.wrap(out, src.param_name, ids, src.role, src.maps)
     bijection = _bijection(func, args, kwargs) if src.role in ("value", "normalized") else None
     if bijection is not None and out.shape == src.shape:
@@ -252,21 +260,29 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     return t[index]
 
 
-def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor, str]) -> Set[str]:
+def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor, str], memo: Optional[dict] = None) -> Set[str]:
     """Names of the params (given by their unconstrained leaf tensors) that ``tensor`` depends on,
-    found by walking its autograd graph."""
+    found by walking its autograd graph. ``memo`` (a dict kept across calls on one trace)
+    remembers each node's answer, so that graph shared by many sites is walked once."""
     if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
         return set()
-    if tensor.grad_fn is None:
+    root = tensor.grad_fn  # read once: a Tracked tensor makes a new alias node each time
+    if root is None:
         return {leaves[tensor]} if tensor in leaves else set()
-    found, seen, stack = set(), set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+    memo = {} if memo is None else memo
+    stack = [(root, False)]
+    while stack:  # post-order: a node's answer after its inputs'
+        node, inputs_done = stack.pop()
+        if node in memo:
             continue
-        seen.add(node)
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if not inputs_done:
+            stack.append((node, True))
+            stack.extend((n, False) for n in inputs if n not in memo)
+            continue
         variable = getattr(node, "variable", None)
-        if variable is not None and variable in leaves:
-            found.add(leaves[variable])
-        stack.extend(n for n, _ in node.next_functions)
-    return found
+        found = {leaves[variable]} if variable is not None and variable in leaves else set()
+        for n in inputs:
+            found |= memo[n]
+        memo[node] = found
+    return memo[root]
