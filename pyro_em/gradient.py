@@ -1,6 +1,7 @@
 """Gradient M-step: maximize the expected complete-data log likelihood ``Q`` numerically."""
 
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pyro
@@ -182,6 +183,18 @@ def _derivatives(q: torch.Tensor, params: List[torch.Tensor], order: int):
     flat = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(grads, params)])
     if order < 2 or not flat.requires_grad:
         return flat.detach(), None
+    try:  # all rows in one vectorized backward pass
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+        with warnings.catch_warnings():  # vmap's notes on operations it loops over
+            warnings.simplefilter("ignore")
+            rows = torch.autograd.grad(flat, params, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=True)
+        return flat.detach(), torch.cat([
+            (torch.zeros(eye.shape[0], p.numel(), dtype=flat.dtype, device=flat.device) if r is None else r.reshape(eye.shape[0], -1))
+            for r, p in zip(rows, params)
+        ], 1).detach()
+    except RuntimeError:  # an operation without a batching rule: one pass per row
+        pass
     rows = []
     for gk in flat:
         if not gk.requires_grad:
