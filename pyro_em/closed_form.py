@@ -354,23 +354,24 @@ def summarize(
         # param used as logits=probs.log()).
         maps = next((u.maps for u in uses if type(u.rule).solve is not Rule.solve), ())
         numel = store[name].numel()
-        reads: set = set()
+        unsolved = set(names[:i])
         own: Dict[str, torch.Tensor] = {}
         solver, prior = None, None
-        for use in uses:
-            fn, value, weight = parts(use.site)[use.part]
-            ctx = UseContext(
-                fn, value, weight, use.ids, use.arg, numel,
-                _current(plan, use.site, use.part, fn, new, reads), reg_covar, use.joint,
-                use.jacobian,
-            )
-            for key, s in use.rule.summarize(ctx).items():
-                own[key] = own[key] + s if key in own else s
-            if solver is None and type(use.rule).solve is not Rule.solve:
-                solver = Solver(use.rule, ctx, maps, None)
-            if use.arg == "value" and prior is None:
-                prior = (use.site, type(fn).__name__)
-        if reads & set(names[:i]):
+        try:
+            for use in uses:
+                fn, value, weight = parts(use.site)[use.part]
+                ctx = UseContext(
+                    fn, value, weight, use.ids, use.arg, numel,
+                    _current(plan, use.site, use.part, fn, new, unsolved), reg_covar, use.joint,
+                    use.jacobian,
+                )
+                for key, s in use.rule.summarize(ctx).items():
+                    own[key] = own[key] + s if key in own else s
+                if solver is None and type(use.rule).solve is not Rule.solve:
+                    solver = Solver(use.rule, ctx, maps, None)
+                if use.arg == "value" and prior is None:
+                    prior = (use.site, type(fn).__name__)
+        except _Unsolved:  # read as soon as asked for: no statistics are computed in vain
             return stats, solvers, i
         solver.prior = prior
         stats[name], solvers[name] = own, solver
@@ -413,13 +414,18 @@ def write(new: Dict[str, torch.Tensor]) -> None:
             store[name].unconstrained().copy_(unconstrained)
 
 
-def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor], reads: set):
+class _Unsolved(Exception):
+    """A rule asked for the new value of a param not solved yet in this pass."""
+
+
+def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor], unsolved: set):
     tracked = plan.tracked_args.get((site, part), {})
 
     def current(arg: str) -> torch.Tensor:
         if arg in tracked:
             name, ids = tracked[arg]
-            reads.add(name)
+            if name in unsolved:
+                raise _Unsolved(name)
             value = new.get(name)
             if value is None:
                 value = pyro.get_param_store()[name].detach()
