@@ -127,7 +127,7 @@ def use_parallel(batch: int, T: int, K: int, device: torch.device) -> bool:
         return PARALLEL
     if device.type != "cpu":
         return T > 1
-    return T >= 64 and batch * K**3 <= 16384
+    return T >= 64 and batch * K**3 <= 4096
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
