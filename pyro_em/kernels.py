@@ -6,8 +6,10 @@ A mixture's emission is evaluated for every component at every data point, a K x
 kernel here instead loops over the components (as scikit-learn does), so each N x D block
 stays in cache, and whitens with the inverse Cholesky factor by a matrix product.
 ``DiscreteHMM`` uses the scaled forward pass of :mod:`pyro_em.hmm` (work T K^2, not the
-parallel scan's T K^3) when no gradient is needed. ``Independent`` Bernoulli pixels are one
-matrix product; other ``Independent`` sites sum their base's kernel. Kernels return ``None``
+parallel scan's T K^3) when no gradient is needed. ``Independent`` Bernoulli pixels and
+Poisson counts are matrix products of their sufficient statistics and natural parameters;
+diagonal Normals loop over the components as MultivariateNormal does; other ``Independent``
+sites sum their base's kernel. Kernels return ``None``
 where they do not apply, and the distribution's own ``log_prob`` is used.
 """
 
@@ -130,27 +132,84 @@ def _sum_rightmost(t: torch.Tensor, dims: int) -> torch.Tensor:
     return t.reshape(t.shape[: t.dim() - dims] + (-1,)).sum(-1) if dims else t
 
 
-def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[torch.Tensor]:
-    """Independent Bernoulli pixels (a Bernoulli mixture's emission) as one matrix product:
-    ``sum_d log p(x_d) = x @ logit(p)^T + sum_d log(1 - p_d)``, one column per component, never
-    the components x data x pixels tensor. Probabilities of exactly 0 or 1 take the
-    elementwise kernel (0 * log 0 must be 0, not NaN)."""
+def _bernoulli_family(base: td.Bernoulli):
+    if not _given_probs(base):
+        return None
+    p = compact(base.probs)
+    if bool(((p == 0) | (p == 1)).any()):  # 0 * log 0 must be 0, not NaN: elementwise
+        return None
+    return [p], lambda x: [x], lambda p: [p.log() - (-p).log1p()], lambda p: -(-p).log1p(), None
+
+
+def _poisson_family(base: td.Poisson):
+    rate = compact(base.rate)
+    if bool((rate == 0).any()):
+        return None
+    return [rate], lambda x: [x], lambda rate: [rate.log()], lambda rate: rate, lambda x: -torch.lgamma(x + 1)
+
+
+# Exponential families as matrix products: log p(x | theta) = sum_d [T(x_d) . eta(theta_d) -
+# A(theta_d) + h(x_d)]. Each entry gives (params, T, eta, A, h or None) for a base distribution,
+# or None where the elementwise kernel must be used.
+_FAMILIES = {td.Bernoulli: _bernoulli_family, td.Poisson: _poisson_family}
+
+
+def _diagonal_normal_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """A diagonal Normal, one component at a time as the MultivariateNormal kernel does (each
+    N x D block in cache, no K x N x D tensor). Not by the expanded quadratic form
+    ``x^2 / s^2 - 2 x m / s^2 + m^2 / s^2`` in matrix products: its cancellation costs digits
+    wherever the data lie far from zero relative to the scales."""
     base = fn.base_dist
-    if fn.reinterpreted_batch_ndims != 1 or not isinstance(base, td.Bernoulli) or not _given_probs(base):
-        return _sum_rightmost(log_prob(base, value), fn.reinterpreted_batch_ndims)
-    probs = compact(base.probs)
-    D = probs.shape[-1]
+    loc, scale = compact(base.loc), compact(base.scale)
+    D = fn.event_shape[0]
     batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    layout = _layout(batch, [probs.shape[:-1]], value.shape[:-1])
-    if value.numel() < _MIN_ELEMENTS or layout is None or bool(((probs == 0) | (probs == 1)).any()):
-        return _sum_rightmost(log_prob(base, value), 1)
-    comp_shape, (p_b,) = layout
+    layout = _layout(batch, [loc.shape[:-1], scale.shape[:-1]], value.shape[:-1])
+    if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
+        return None
+    comp_shape, (loc_b, scale_b) = layout
     if fn._validate_args:
         fn._validate_sample(value)
-    P = probs.reshape(p_b + (D,)).expand(comp_shape + (D,)).reshape(-1, D)
-    X = value.reshape(-1, D).to(P.dtype)
-    log_1mp = (-P).log1p()
-    result = torch.addmm(log_1mp.sum(-1), X, (P.log() - log_1mp).T)  # (data, components)
+    blocks = math.prod(comp_shape)
+    loc = loc.reshape(loc_b + loc.shape[-1:]).expand(comp_shape + (D,)).reshape(blocks, D)
+    scale = scale.reshape(scale_b + scale.shape[-1:]).expand(comp_shape + (D,)).reshape(blocks, D)
+    x = value.reshape(-1, D).to(torch.promote_types(loc.dtype, value.dtype))
+    inv = scale.reciprocal()
+    maha = torch.stack([((x - loc[b]) * inv[b]).square().sum(-1) for b in range(blocks)])
+    const = scale.log().sum(-1) + 0.5 * D * math.log(2 * math.pi)
+    return (-0.5 * maha - const.unsqueeze(-1)).reshape(batch)
+
+
+def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """An exponential family over the last dim (Bernoulli pixels, Poisson counts: a mixture's
+    emission) as matrix products, one column per component:
+    ``sum_d log p(x_d) = T(x) @ eta^T - sum_d A + sum_d h(x)``, never the components x data x
+    dims tensor. Other ``Independent`` sites sum their base's kernel."""
+    base = fn.base_dist
+    if isinstance(base, td.Normal) and fn.reinterpreted_batch_ndims == 1:
+        result = _diagonal_normal_log_prob(fn, value)
+        if result is not None:
+            return result
+    family = next((_FAMILIES[t] for t in type(base).__mro__ if t in _FAMILIES), None)
+    spec = family(base) if family is not None and fn.reinterpreted_batch_ndims == 1 else None
+    if spec is None or value.numel() < _MIN_ELEMENTS:
+        return _sum_rightmost(log_prob(base, value), fn.reinterpreted_batch_ndims)
+    params, stats, natural, normalizer, base_measure = spec
+    D = fn.event_shape[0]
+    batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
+    layout = _layout(batch, [p.shape[:-1] for p in params], value.shape[:-1])
+    if layout is None:
+        return _sum_rightmost(log_prob(base, value), 1)
+    comp_shape, padded = layout
+    if fn._validate_args:
+        fn._validate_sample(value)
+    dtype = torch.promote_types(params[0].dtype, value.dtype) if value.is_floating_point() else params[0].dtype
+    params = [p.reshape(b + p.shape[-1:]).expand(comp_shape + (D,)).reshape(-1, D).to(dtype) for p, b in zip(params, padded)]
+    X = value.reshape(-1, D).to(dtype)
+    eta = torch.cat(natural(*params), -1)  # (components, m D)
+    T = torch.cat(stats(X), -1)  # (data, m D)
+    result = torch.addmm(-normalizer(*params).sum(-1), T, eta.T)  # (data, components)
+    if base_measure is not None:
+        result = result + base_measure(X).sum(-1, keepdim=True)
     return result.T.reshape(batch)
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 
+from .tracking import compact
+
 Stats = Dict[str, torch.Tensor]
 
 
@@ -480,8 +482,10 @@ class NormalLocRule(Rule):
     kind = "normal_loc"
 
     def summarize(self, ctx):
-        precision = ctx.weight / ctx.fn.scale**2
-        return {"wx": ctx.pool(precision, ctx.value), "w": ctx.pool(precision)}
+        # Three factors, contracted by one einsum: the data's weighted sums are a matrix
+        # product, never a components x data x dims tensor.
+        precision = compact(ctx.fn.scale) ** -2  # over the scale's own slots, not broadcast
+        return {"wx": ctx.pool(ctx.weight, precision, ctx.value), "w": ctx.pool(ctx.weight, precision)}
 
     def solve(self, stats, old, ctx):
         w = _slots(stats["w"], old)
@@ -503,8 +507,10 @@ class NormalScaleRule(Rule):
     priority = 1
 
     def summarize(self, ctx):
+        # Squared deviations about the new means, exactly (no x^2 - 2 x m + m^2 cancellation).
+        deviation = ctx.value - ctx.current("loc")
         return {
-            "ss": ctx.pool(ctx.weight, (ctx.value - ctx.current("loc")) ** 2),
+            "ss": ctx.pool(ctx.weight, deviation.square_() if deviation.is_floating_point() else deviation**2),
             "w": ctx.pool(ctx.weight, torch.ones_like(ctx.value)),
         }
 
