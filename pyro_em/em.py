@@ -214,7 +214,6 @@ class EM:
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
         self._gradient_m_step = GradientMStep(optim, num_steps)
         self._numpy_tensors: Dict[int, tuple] = {}
-        self._structure: Optional[tuple] = None
         self.stalled: List[str] = []
         """Params the last step's gradient M-step could not move although Q's gradient in
         them is not small (see :class:`MStepWarning`)."""

@@ -96,6 +96,11 @@ class Online:
     step_size: float = 1.0
 
     def blend(self, stats: Stats) -> Stats:
+        """Blend one batch's statistics into the running ones, ``(1 - step_size) running +
+        step_size stats`` (the batch's alone at the first step, or with ``step_size >= 1``).
+
+        :returns: the running statistics of the params in ``stats``.
+        """
         for name, own in stats.items():
             running = self.stats.get(name)
             if running is None or self.step_size >= 1:
