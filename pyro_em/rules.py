@@ -96,6 +96,13 @@ class UseContext:
         argument's last dim (its categories), with no one-hot tensor (K may be large)."""
         K = self.ids.shape[-1]
         value = value.long()
+        # Sum the weight first over the dims along which neither the value nor the slots vary
+        # (the data of an enumerated latent): K counts to place, not K x N.
+        n = max(weight.dim(), value.dim(), self.ids.dim() - 1)
+        shapes = [(1,) * (n - len(t)) + tuple(t) for t in (weight.shape, value.shape, self.ids.shape[:-1])]
+        pooled = [i for i in range(n) if shapes[0][i] > 1 and shapes[1][i] == 1 and shapes[2][i] == 1]
+        if pooled:
+            weight = weight.reshape(shapes[0]).sum(pooled, keepdim=True)
         batch = torch.broadcast_shapes(self.ids.shape[:-1], value.shape)
         slots = self.ids.expand(batch + (K,)).gather(-1, value.expand(batch).unsqueeze(-1)).squeeze(-1)
         slots, weight = torch.broadcast_tensors(slots, weight)
