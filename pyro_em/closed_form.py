@@ -65,6 +65,9 @@ class MStepPlan:
     gradient: Dict[str, str] = field(default_factory=dict)
     tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
     maps: Dict[Tuple[str, str, str], tuple] = field(default_factory=dict)
+    batch_free: bool = True
+    """Whether the plan holds nothing that varies along a plate (no param indexed by the
+    data): it then serves every batch of the same shapes (see :class:`~pyro_em.iteration.PlanCache`)."""
 
     @property
     def params(self) -> List[str]:
@@ -221,6 +224,8 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                     continue
                 ids = compact(t.ids)
                 plan.tracked_args.setdefault((site_name, part), {})[arg] = (t.param_name, ids)
+                if part or _varies_over_plates(ids, fn, site):
+                    plan.batch_free = False
                 if t.maps:
                     plan.maps[(site_name, part, arg)] = t.maps
                 direct.add(t.param_name)
@@ -259,6 +264,17 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
     logger.info("pyro_em M-step plan:\n%s", plan)
     return plan
+
+
+def _varies_over_plates(ids: torch.Tensor, fn: td.Distribution, site: dict) -> bool:
+    """Whether a tracked argument's param slots change along one of the site's plates (a param
+    indexed by the data), or might: dims it cannot place count as plates."""
+    event = max(0, ids.dim() - len(fn.batch_shape))
+    batch = ids.dim() - event
+    for f in site["cond_indep_stack"]:
+        if f.vectorized and 0 <= batch + f.dim < batch and ids.shape[batch + f.dim] > 1:
+            return True
+    return False
 
 
 def _mark_joint_updates(plan: MStepPlan) -> None:

@@ -317,7 +317,11 @@ class EM:
         key = _args_key(args, kwargs) + (tuple(kwargs),)
         arguments = [*args, *kwargs.values()]
         planned = self._plans.get(key, arguments)
-        if planned is None:
+        shared = self._plans.shared(args, kwargs) if planned is None else None
+        if shared is not None:  # another batch's plan, tied to nothing in its data
+            planned = PlannedBatch(args, kwargs, shared, None)
+            self._plans.put(key if cache else None, planned)
+        elif planned is None:
             first_dim = self._first_available_dim(args, kwargs)
             tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
             plan = plan_m_step(tracked, scored, self.m_step)
@@ -327,8 +331,7 @@ class EM:
             planned = PlannedBatch(args, kwargs, plan, chain)
             del tracked, scored
             gc.collect(1)  # the analysis traces hold reference cycles: free them before the step
-            if cache:
-                self._plans.put(key, planned)
+            self._plans.put(key if cache else None, planned)
         self.plan, self.fused_chain = planned.plan, planned.chain
         return planned
 

@@ -61,10 +61,17 @@ class PlannedBatch:
 
 class PlanCache:
     """Plans keyed by the identity (and version) of their batch's arguments, kept while
-    iterations use them: a plan no iteration used is dropped when the next one ends."""
+    iterations use them: a plan no iteration used is dropped when the next one ends.
+
+    A plan that holds nothing tied to the data (:attr:`MStepPlan.batch_free`) also serves
+    batches of the same *signature*: tensors of the same shape past the first dim, dtype and
+    device (small tensors, up to 16 elements, and plain values by value). So a DataLoader's
+    batches, new tensors every time, are planned once, not at every pass.
+    """
 
     def __init__(self):
         self._entries: Dict[tuple, PlannedBatch] = {}
+        self._shared: Dict[tuple, MStepPlan] = {}
         self._used: set = set()
 
     def get(self, key: tuple, arguments: list) -> Optional[PlannedBatch]:
@@ -74,9 +81,17 @@ class PlanCache:
         self._used.add(key)
         return planned
 
-    def put(self, key: tuple, planned: PlannedBatch) -> None:
-        self._entries[key] = planned
-        self._used.add(key)
+    def shared(self, args: tuple, kwargs: dict) -> Optional[MStepPlan]:
+        """A batch-free plan made for a batch of the same signature, if any."""
+        return self._shared.get(_signature(args, kwargs))
+
+    def put(self, key: Optional[tuple], planned: PlannedBatch) -> None:
+        """Keep ``planned`` for its arguments (``key``; ``None``: only for its signature)."""
+        if key is not None:
+            self._entries[key] = planned
+            self._used.add(key)
+        if planned.plan.batch_free and planned.chain is None:
+            self._shared[_signature(planned.args, planned.kwargs)] = planned.plan
 
     def end_iteration(self) -> None:
         """Forget the plans the iteration that just ended did not use."""
@@ -84,7 +99,20 @@ class PlanCache:
         self._used = set()
 
     def clear(self) -> None:
-        self._entries, self._used = {}, set()
+        self._entries, self._shared, self._used = {}, {}, set()
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            if a.numel() <= 16:
+                return ("small", tuple(a.shape), str(a.dtype), str(a.device), tuple(a.reshape(-1).tolist()))
+            return ("tensor", tuple(a.shape[1:]), str(a.dtype), str(a.device))
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return ("value", a)
+        return ("object", id(a))
+
+    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in kwargs.items())
 
 
 @dataclass

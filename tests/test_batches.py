@@ -217,3 +217,45 @@ def test_streaming_and_online_on_device_and_dtype(device, dtype):
     online = OnlineEM(model)
     online.step_batches(data[torch.randperm(len(data), device=device)].split(50))
     assert pyro.param("locs").device.type == device.type
+
+
+class _FreshBatches:
+    """New tensors at every pass, as a DataLoader gives."""
+
+    def __init__(self, *tensors, size):
+        self.tensors, self.size = tensors, size
+
+    def __iter__(self):
+        for parts in zip(*(t.split(self.size) for t in self.tensors)):
+            yield tuple(p.clone() for p in parts)
+
+
+def test_batches_of_one_signature_share_a_plan_unless_it_is_tied_to_the_data(monkeypatch):
+    """A mixture's plan serves every batch of its shapes (planned once, not at every pass);
+    a param indexed by the data (a mean per component and group, the group given with the
+    batch) ties the plan to its batch, which is planned anew, and streaming still equals full
+    batch."""
+    import pyro_em.em
+
+    plans = []
+    original = pyro_em.em.analysis_traces
+    monkeypatch.setattr(pyro_em.em, "analysis_traces", lambda *a, **k: plans.append(1) or original(*a, **k))
+    t, x = regression_data(400)
+    em = EM(regression_mixture)
+    for _ in range(2):
+        em.step_batches(_FreshBatches(t, x, size=100))
+    assert len(plans) == 1
+
+    group = torch.randint(4, (400,))
+
+    @pyro.infer.config_enumerate
+    def grouped(g, x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([[-1.0], [1.0]]) + torch.linspace(0, 1, 4))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.Normal(locs[z, g], 1.0), obs=x)
+
+    plans.clear()
+    assert_same_iterates(grouped, (group, x), _FreshBatches(group, x, size=100), steps=2)
+    assert len(plans) > 2 * 4
