@@ -16,17 +16,19 @@ from .distributed import all_reduce
 class GradientMStep:
     """Maximize ``Q(theta)`` over unconstrained parameters with the posterior held fixed.
 
-    With ``optim=None`` (the default) ``Q`` is maximized to convergence by L-BFGS with a
-    strong-Wolfe line search, so that one EM step is one exact EM iteration; if the optimizer
-    ends below the starting value of ``Q``, the starting parameters are kept, which keeps the
-    likelihood monotone. With a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.Adam``)
+    With ``optim=None`` (the default) ``Q`` is maximized to convergence, so that one EM step is
+    one exact EM iteration: by Newton's method on the exact Hessian when the params have at
+    most ``newton_size`` elements (a quadratic ``Q`` in one step), and by L-BFGS with a
+    strong-Wolfe line search where Newton cannot go on (then Newton polishes); if the
+    optimizer ends below the starting value of ``Q``, the starting parameters are kept, which
+    keeps the likelihood monotone. With a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.Adam``)
     ``num_steps`` gradient steps are taken instead: generalized EM, cheaper per iteration but
     without the monotonicity guarantee.
 
     :param optim: ``None`` or a :class:`pyro.optim.PyroOptim`.
     :param num_steps: inner steps per M-step for a user optimizer; the iteration cap for L-BFGS.
-    :param newton_size: with L-BFGS, when the params being updated have at most this many
-        elements in all, Newton steps on the exact Hessian finish the M-step to round-off.
+    :param newton_size: without ``optim``, the most elements (all params together) for which
+        Newton's method runs (each step computes the Hessian: one vectorized backward pass).
     """
 
     def __init__(self, optim: Optional[PyroOptim] = None, num_steps: Optional[int] = None, newton_size: int = 64):
@@ -52,7 +54,7 @@ class GradientMStep:
             data point), naming it.
         """
         if self.optim is None:
-            return self._lbfgs(objective, params)
+            return self._maximize(objective, params)
         values = list(params.values())
         for _ in range(self.num_steps):
             _, g, _ = objective(1, strict=True)
@@ -62,7 +64,7 @@ class GradientMStep:
                 p.grad = None
         return []
 
-    def _lbfgs(self, objective: "Objective", named: Dict[str, torch.Tensor]) -> List[str]:
+    def _maximize(self, objective: "Objective", named: Dict[str, torch.Tensor]) -> List[str]:
         params = list(named.values())
         start = [p.detach().clone() for p in params]
         small = objective.size <= self.newton_size
