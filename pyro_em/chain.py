@@ -36,7 +36,7 @@ class FusedChain:
     values: torch.Tensor  # (S, T, *event) observations
     active: Optional[torch.Tensor]  # (S, T): steps before each sequence's end, None if all
     start: Tuple[str, torch.Tensor, str]  # (param, ids (K,), "probs" or "logits")
-    trans: Tuple[str, torch.Tensor, str]  # (param, ids (K, K), "probs" or "logits")
+    trans: Optional[Tuple[str, torch.Tensor, str]]  # (param, ids (K, K), "probs" or "logits"); None: a mixture
     emission_type: type
     emission_args: Dict[str, Tuple[Optional[str], torch.Tensor]]  # arg -> (param, ids) or (None, value)
     emission_event_dims: int  # dims reinterpreted by .to_event
@@ -51,11 +51,13 @@ class FusedChain:
             value = store[name].detach().reshape(-1)[ids]
             return value.log() if arg == "probs" else value
 
-        start, trans = logits(self.start), logits(self.trans)
+        start = logits(self.start)
         S, T = self.values.shape[:2]
         K = start.shape[-1]
-        identity = torch.eye(K, dtype=trans.dtype, device=trans.device).log()
-        transitions = torch.cat([identity.expand(1, K, K), trans.expand(T - 1, K, K)])
+        identity = torch.eye(K, dtype=start.dtype, device=start.device).log()
+        transitions = identity.expand(1, K, K)
+        if self.trans is not None:
+            transitions = torch.cat([transitions, logits(self.trans).expand(T - 1, K, K)])
         args = {
             arg: store[name].detach().reshape(-1)[ids] if name is not None else ids
             for arg, (name, ids) in self.emission_args.items()
@@ -100,6 +102,8 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
     stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
     if len(stacks) != 1 or len(next(iter(stacks))) > 1:
         return None
+    if any(f.full_size is not None and f.size != f.full_size for f in next(iter(stacks))):
+        return None  # a subsample: each step draws its own data
     if any(s["infer"].get(MAP_FLAG) or not _unit_scale(s) for _, s in sites):
         return None
 
@@ -118,7 +122,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
                 return None
             emissions.append(name)
     T = len(states)
-    if T < 2 or len(emissions) != T:
+    if T < 1 or len(emissions) != T:
         return None
 
     state_fns = [unwrap(scored.nodes[n]["fn"], scored.nodes[n]["value"], None)[0] for n in states]
@@ -135,8 +139,8 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         ids = _canonical(ids, enum_dim, 1, K)
         return None if ids is None else (name, ids, arg)
 
-    start, trans = state_spec(0), state_spec(1)
-    if start is None or trans is None:
+    start, trans = state_spec(0), state_spec(1) if T > 1 else None
+    if start is None or (T > 1 and trans is None):
         return None
     for t in range(2, T):
         spec = state_spec(t)
@@ -198,7 +202,9 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
 
     # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after,
     # identity (id -1) past each sequence's end.
-    trans_ids = torch.cat([torch.full((1, K, K), -1, dtype=trans[1].dtype), trans[1].expand(T - 1, K, K)])
+    trans_ids = torch.full((1, K, K), -1, dtype=start[1].dtype)
+    if trans is not None:
+        trans_ids = torch.cat([trans_ids, trans[1].expand(T - 1, K, K)])
     if active is not None:
         trans_ids = torch.where(active[..., None, None], trans_ids, -1)
     generic = {(u.arg, name): u for name, uses in plan.closed_form.items() for u in uses}
@@ -208,7 +214,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         uses = []
         if name == start[0]:
             uses.append(Use(SITE, "", start[2], start[1], find_rule(dist.DiscreteHMM, "initial_logits")))
-        if name == trans[0]:
+        if trans is not None and name == trans[0]:
             uses.append(Use(SITE, "", trans[2], trans_ids, find_rule(dist.DiscreteHMM, "transition_logits")))
         for arg, (pname, ids) in emission_args.items():
             if pname == name:

@@ -60,7 +60,9 @@ class HMMPosterior(NamedTuple):
 def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized ``initial (..., K)``, ``transition (..., T, K, K)`` (expanded) and
     observation ``(..., T, K)`` log factors of ``fn`` at ``value``."""
-    obs = fn.observation_dist.log_prob(value.unsqueeze(-1 - fn.observation_dist.event_dim))
+    from .kernels import log_prob  # (kernels uses this module's forward pass for DiscreteHMM)
+
+    obs = log_prob(fn.observation_dist, value.unsqueeze(-1 - fn.observation_dist.event_dim))
     trans = fn.transition_logits
     K = trans.shape[-1]  # the observation may broadcast over the states
     time_shape = torch.broadcast_shapes(trans.shape[:-2], obs.shape[:-1])
@@ -133,7 +135,8 @@ def use_parallel(batch: int, T: int, K: int, device: torch.device) -> bool:
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
     """``fn.log_prob(value)`` by a forward pass (not differentiable). The pass is kept for a
     :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
-    factors = hmm_factors(fn, value)
+    with torch.no_grad():
+        factors = hmm_factors(fn, value)
     if _parallel(*factors):
         post = parallel_forward_backward(*factors)
         _last_forward[:] = [fn, value, post]
@@ -156,7 +159,8 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
     _last_forward.clear()
     if isinstance(cached, HMMPosterior):
         return cached
-    factors = hmm_factors(fn, value) if cached is None else None
+    with torch.no_grad():
+        factors = hmm_factors(fn, value) if cached is None else None
     if cached is None and _parallel(*factors):
         return parallel_forward_backward(*factors)
     with torch.no_grad():

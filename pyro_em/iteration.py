@@ -294,10 +294,14 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
     """A batch's weighted sites (``parts``), ``log Z`` and E-step, at the current params."""
     if pb.chain is not None:  # a fused chain: one forward-backward pass, no trace
         fn = pb.chain.distribution()
-        log_z = hmm_log_prob(fn, pb.chain.values).sum()
-        if not torch.isfinite(log_z):
+        try:
+            log_z = hmm_log_prob(fn, pb.chain.values).sum()
+        except (ValueError, RuntimeError, IndexError):  # a value outside the support, say
+            log_z = None
+        if log_z is None or not torch.isfinite(log_z):
+            em._e_step_at(em.temperature, pb.args, pb.kwargs)  # its error names site and datum
             raise ValueError(
-                f"The log marginal likelihood is {float(log_z)} at the current parameters: "
+                f"The log marginal likelihood is {float(log_z) if log_z is not None else 'undefined'} at the current parameters: "
                 "no state path explains the observations (or a parameter is degenerate)."
             )
         weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)

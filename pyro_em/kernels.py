@@ -49,20 +49,31 @@ def _layout(batch: torch.Size, param_shapes, value_shape):
     """How a batch of log densities splits into component dims (where the parameters vary)
     and data dims (where the value varies), for kernels that loop or multiply over components.
 
-    :returns: ``(comp_shape, padded param shapes)``, ``comp_shape`` having the batch's size on
-        component dims and 1 elsewhere; ``None`` unless every component dim lies left of every
-        data dim and no batch dim is of neither kind.
+    :returns: ``(comp_shape, padded param shapes, comp_last)``, ``comp_shape`` having the
+        batch's size on component dims and 1 elsewhere, ``comp_last`` whether the component
+        dims lie right of the data dims (a fused mixture's ``(N, 1, K)``) rather than left (an
+        enumerated mixture's ``(K, N)``); ``None`` unless they all lie on one side and no batch
+        dim is of neither kind.
     """
     n = len(batch)
     padded = [_pad(shape, n) for shape in param_shapes]
     x_b = _pad(value_shape, n)
     comp = [i for i in range(n) if any(p[i] > 1 for p in padded)]
     data = [i for i in range(n) if x_b[i] > 1]
-    if comp and data and max(comp) >= min(data):
+    comp_last = bool(comp and data and min(comp) > max(data))
+    if comp and data and max(comp) >= min(data) and not comp_last:
         return None
     if any(batch[i] > 1 and i not in comp and i not in data for i in range(n)):
         return None
-    return tuple(batch[i] if i in comp else 1 for i in range(n)), padded
+    return tuple(batch[i] if i in comp else 1 for i in range(n)), padded, comp_last
+
+
+def _arrange(columns: list, constant: torch.Tensor, comp_last: bool, batch: torch.Size) -> torch.Tensor:
+    """Per-component columns over the data (plus a per-component constant) in the batch's
+    order: components first, or last."""
+    if comp_last:
+        return (torch.stack(columns, -1) + constant).reshape(batch)
+    return (torch.stack(columns) + constant.unsqueeze(-1)).reshape(batch)
 
 
 def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -73,7 +84,7 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     layout = _layout(batch, [L.shape[:-2], loc.shape[:-1]], value.shape[:-1])
     if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
         return None
-    comp_shape, (L_b, loc_b) = layout
+    comp_shape, (L_b, loc_b), comp_last = layout
     blocks = math.prod(comp_shape)
     if fn._validate_args:
         fn._validate_sample(value)
@@ -84,10 +95,9 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     precision_tril_t = torch.linalg.solve_triangular(L, eye, upper=False).mT.contiguous()  # L^-T
     shift = (loc.unsqueeze(-2) @ precision_tril_t).squeeze(-2)
     # Mahalanobis distances, one component at a time: |x L^-T - loc L^-T|^2.
-    maha = torch.stack([torch.addmm(-shift[b], x, precision_tril_t[b]).square_().sum(-1) for b in range(blocks)])
-    half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    result = -0.5 * (D * math.log(2 * math.pi) + maha) - half_log_det.unsqueeze(-1)
-    return result.reshape(batch)
+    maha = [torch.addmm(-shift[b], x, precision_tril_t[b]).square_().sum(-1).mul_(-0.5) for b in range(blocks)]
+    const = -L.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+    return _arrange(maha, const, comp_last, batch)
 
 
 def _hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -166,7 +176,7 @@ def _diagonal_normal_log_prob(fn: td.Independent, value: torch.Tensor) -> Option
     layout = _layout(batch, [loc.shape[:-1], scale.shape[:-1]], value.shape[:-1])
     if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
         return None
-    comp_shape, (loc_b, scale_b) = layout
+    comp_shape, (loc_b, scale_b), comp_last = layout
     if fn._validate_args:
         fn._validate_sample(value)
     blocks = math.prod(comp_shape)
@@ -174,9 +184,9 @@ def _diagonal_normal_log_prob(fn: td.Independent, value: torch.Tensor) -> Option
     scale = scale.reshape(scale_b + scale.shape[-1:]).expand(comp_shape + (D,)).reshape(blocks, D)
     x = value.reshape(-1, D).to(torch.promote_types(loc.dtype, value.dtype))
     inv = scale.reciprocal()
-    maha = torch.stack([((x - loc[b]) * inv[b]).square().sum(-1) for b in range(blocks)])
-    const = scale.log().sum(-1) + 0.5 * D * math.log(2 * math.pi)
-    return (-0.5 * maha - const.unsqueeze(-1)).reshape(batch)
+    maha = [((x - loc[b]) * inv[b]).square_().sum(-1).mul_(-0.5) for b in range(blocks)]
+    const = -scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+    return _arrange(maha, const, comp_last, batch)
 
 
 def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -199,7 +209,7 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     layout = _layout(batch, [p.shape[:-1] for p in params], value.shape[:-1])
     if layout is None:
         return _sum_rightmost(log_prob(base, value), 1)
-    comp_shape, padded = layout
+    comp_shape, padded, comp_last = layout
     if fn._validate_args:
         fn._validate_sample(value)
     dtype = torch.promote_types(params[0].dtype, value.dtype) if value.is_floating_point() else params[0].dtype
@@ -210,7 +220,7 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     result = torch.addmm(-normalizer(*params).sum(-1), T, eta.T)  # (data, components)
     if base_measure is not None:
         result = result + base_measure(X).sum(-1, keepdim=True)
-    return result.T.reshape(batch)
+    return (result if comp_last else result.T).reshape(batch)
 
 
 _KERNELS[td.Categorical] = _categorical_log_prob

@@ -22,6 +22,8 @@ def random_tril(*shape):
         ((2, 3, 1, 2), (3, 1, 2, 2), (5000, 2)),  # two enumerated dims
         ((5, 1, 3), (5, 1, 3, 3), (10, 3)),  # small: generic path
         ((3000, 3), (3, 3), (3000, 3)),  # mean varies with the data: generic path
+        ((5, 3), (5, 3, 3), (3000, 1, 3)),  # components last (a fused mixture's layout)
+        ((4, 1, 5, 3), (5, 3, 3), (4, 600, 1, 3)),  # components on both sides: generic path
     ],
 )
 def test_mvn_kernel_matches_torch(loc_shape, tril_shape, x_shape):
@@ -57,6 +59,7 @@ def test_discrete_hmm_kernel_matches_pyro(time_varying):
         ((4, 1, 1, 6), (7, 400, 6), False),  # two data plates
         ((10, 1, 64), (1797, 64), True),  # an exact 0: the elementwise kernel
         ((10, 1, 64), (20, 64), False),  # small: the generic path
+        ((10, 64), (1797, 1, 64), False),  # components last
     ],
 )
 def test_bernoulli_pixels_kernel_matches_torch(probs_shape, x_shape, structural_zero):
@@ -83,6 +86,7 @@ def test_bernoulli_pixels_kernel_matches_torch(probs_shape, x_shape, structural_
         ((3, 4, 1, 5), (2000, 5)),  # two enumerated dims
         ((4, 1, 1, 6), (7, 400, 6)),  # two data plates
         ((10, 1, 16), (20, 16)),  # small: the generic path
+        ((8, 16), (3000, 1, 16)),  # components last
     ],
 )
 @pytest.mark.parametrize("family", ["normal", "poisson"])
