@@ -9,6 +9,10 @@ masks that only switch sequences off for good -- the chain is rebuilt once as th
 emissions past each sequence's end), whose arguments are gathered from the current params by
 the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
 pooled into the original params. Anything else takes the general path.
+
+A mixture is the chain of length one: a plate with one Categorical latent ``z ~ weights`` and
+one emission that depends on ``z`` alone steps as a DiscreteHMM with ``T = 1``, without tracing
+the model either.
 """
 
 from dataclasses import dataclass

@@ -90,7 +90,7 @@ class PlanCache:
         if key is not None:
             self._entries[key] = planned
             self._used.add(key)
-        if planned.plan.batch_free and planned.chain is None:
+        if planned.plan.batch_free:  # (a fused chain holds its batch's data: not shared)
             self._shared[_signature(planned.args, planned.kwargs)] = planned.plan
 
     def end_iteration(self) -> None:

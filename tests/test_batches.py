@@ -245,6 +245,26 @@ def test_batches_of_one_signature_share_a_plan_unless_it_is_tied_to_the_data(mon
     for _ in range(2):
         em.step_batches(_FreshBatches(t, x, size=100))
     assert len(plans) == 1
+    # A plain mixture steps as a fused one-step chain (which holds its batch's data); its model
+    # plan still serves the other batches, by the traced path.
+    plans.clear()
+    pyro.clear_param_store()
+
+    @pyro.infer.config_enumerate
+    def mixture(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    em = EM(mixture)
+    em.step(x)
+    assert em.fused_chain is not None
+    plans.clear()
+    for _ in range(2):
+        em.step_batches(_FreshBatches(x, size=100))
+    assert not plans  # the whole data's plan serves its batches too
 
     group = torch.randint(4, (400,))
 
