@@ -204,8 +204,9 @@ class EM:
         self._plans = PlanCache()
         self._online: Optional[iteration.Online] = None
         self.fused_chain: Optional[FusedChain] = None
-        """The ``pyro.markov`` chain that steps run as one DiscreteHMM, without tracing the
-        model, if the plan recognized one (see :mod:`pyro_em.chain`); else ``None``."""
+        """The ``pyro.markov`` chain (or plain mixture, a chain of length one) that steps run
+        as one DiscreteHMM, without tracing the model, if the plan recognized one (see
+        :mod:`pyro_em.chain`); else ``None``."""
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
         self.map_prefix = map_prefix
