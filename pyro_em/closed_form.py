@@ -23,11 +23,10 @@ from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.ops import packed
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
 from torch.distributions.utils import lazy_property
 
-from .estep import EStep, enum_model, trace_model
+from .estep import EStep, enum_model, pack_shapes
 from .hmm import forward_backward
 from ._validation import model_errors, unrepresentable
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
@@ -166,15 +165,16 @@ def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
 
 def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_dim: int,
                     subsample: bool = False) -> Tuple[Trace, Trace]:
-    """The two traces a plan is made from: ``tracked``, run under autograd with param values
-    :class:`~pyro_em.tracking.Tracked`, and ``scored``, with packed log-density *shapes* (no
-    log density is computed, so planning costs no more memory than running the model)."""
+    """The traces a plan is made from, ``(tracked, scored)``: one run of the model under
+    autograd with param values :class:`~pyro_em.tracking.Tracked`, packed with log-density
+    *shapes* (:func:`~pyro_em.estep.pack_shapes`: no log density is computed, so planning costs
+    no more memory than running the model). Both names are the same trace."""
     # Argument checks are the E-step's job (it runs next, on the same data): skipped here.
     with torch.enable_grad(), model_errors(args, kwargs), pyro.validation_enabled(False):
         tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
-    with torch.no_grad(), pyro.validation_enabled(False):
-        scored = trace_model(model, args, kwargs, first_available_dim, shapes_only=True, subsample=subsample)
-    return prune_subsample_sites(tracked), scored
+    with torch.no_grad():
+        tracked = pack_shapes(tracked, subsample)
+    return tracked, tracked
 
 
 def _reachable_tensors(obj, seen=None):

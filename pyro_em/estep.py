@@ -72,15 +72,13 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     """
     with model_errors(args, kwargs):
         trace = poutine.trace(enum_model(model, first_available_dim)).get_trace(*args, **kwargs)
+    if shapes_only:
+        return pack_shapes(trace, subsample)
     trace = prune_subsample_sites(trace)
     check_enumerated_trace(trace, subsample)
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
             fn, value = site["fn"], site["value"]
-            if shapes_only:
-                shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
-                site["unscaled_log_prob"] = site["log_prob"] = value.new_zeros((), dtype=torch.get_default_dtype()).expand(shape)
-                continue
             try:
                 lp = kernels.log_prob(fn, value) if not site["args"] and not site["kwargs"] else (
                     fn.log_prob(value, *site["args"], **site["kwargs"])
@@ -89,6 +87,22 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
                 raise ValueError(explain_log_prob_error(name, fn, value, e)) from e
             site["unscaled_log_prob"] = lp
             site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
+    trace.pack_tensors()
+    return trace
+
+
+def pack_shapes(trace: Trace, subsample: bool = False) -> Trace:
+    """``trace`` (from an enumerated run of the model) checked and packed with log densities of
+    the right shapes made of zeros (broadcast views: no memory, no work), for analyses that
+    need its structure only (see :func:`trace_model`)."""
+    trace = prune_subsample_sites(trace)
+    check_enumerated_trace(trace, subsample)
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            fn, value = site["fn"], site["value"]
+            shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
+            zeros = torch.zeros((), dtype=torch.get_default_dtype(), device=value.device)
+            site["unscaled_log_prob"] = site["log_prob"] = zeros.expand(shape)
     trace.pack_tensors()
     return trace
 

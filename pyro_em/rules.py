@@ -591,12 +591,11 @@ class _CovarianceRule(Rule):
         slot = slot.reshape((1,) * (len(batch) - slot.dim()) + slot.shape)
         groups = [i for i, n in enumerate(slot.shape) if n > 1]
         pooled = [i for i, n in enumerate(slot.shape) if n == 1]
-        # sqrt(w) (x - mu), laid out (slot groups, pooled elements, D) as it is made: one
-        # N x K x D tensor, written once.
-        order = groups + pooled
+        # sqrt(w) (x - mu), arranged (slot groups, pooled elements, D): one N x K x D tensor.
+        scaled = diff.expand(batch + (D,)).contiguous() if diff.shape[:-1] != batch else diff
+        scaled.mul_(weight.sqrt().unsqueeze(-1))
+        scaled = scaled.permute(groups + pooled + [len(batch)])
         g = math.prod(batch[i] for i in groups)
-        scaled = diff.expand(batch + (D,)).permute(order + [len(batch)]).contiguous()
-        scaled.mul_(weight.sqrt().expand(batch).permute(order).unsqueeze(-1))
         scaled = scaled.reshape(g, -1, D)
         scatter = scaled.mT @ scaled
         slot = slot.permute(groups + pooled).reshape(-1)  # g slots: pooled dims have size 1
