@@ -169,12 +169,11 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
         # betas[t] is p(x[t+1:] | z[t]) divided by the later scales, so alphas[t+1] * betas[t]
         # is the posterior of z[t]; b_beta[t] = b[t] * betas[t] / scales[t], and the loop
         # leaves beta as the posterior weight of z[-1].
-        b_beta = torch.empty_like(fwd.b)
+        b_beta = fwd.b / fwd.scales.unsqueeze(-1)  # b[t] / scales[t], times beta[t] below
         beta = torch.ones_like(fwd.alphas[0])
         step = _steps(fwd.probs.mT, T)  # A^T per step: beta_{t-1} = b_beta_t @ A_t^T
         for t in range(T - 1, -1, -1):
-            torch.mul(fwd.b[t], beta, out=b_beta[t]).div_(fwd.scales[t].unsqueeze(-1))
-            beta = _matmul(b_beta[t], step[t])
+            beta = _matmul(b_beta[t].mul_(beta), step[t])
         prev, b_beta = fwd.alphas[:-1].movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
         # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1]: one batched matmul.
         observation = (prev.unsqueeze(-2) @ fwd.probs).squeeze(-2) * b_beta
