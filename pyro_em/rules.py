@@ -584,18 +584,33 @@ class _CovarianceRule(Rule):
 
     def summarize(self, ctx):
         D = ctx.ids.shape[-1]
-        diff = ctx.value - ctx.current("loc")
-        weight = ctx.weight
-        batch = torch.broadcast_shapes(weight.shape, diff.shape[:-1], ctx.ids.shape[:-2])
+        loc, value, weight = ctx.current("loc"), ctx.value, ctx.weight
+        batch = torch.broadcast_shapes(weight.shape, loc.shape[:-1], value.shape[:-1], ctx.ids.shape[:-2])
         slot = ctx.ids[..., 0, 0] // (D * D)
         slot = slot.reshape((1,) * (len(batch) - slot.dim()) + slot.shape)
         groups = [i for i, n in enumerate(slot.shape) if n > 1]
         pooled = [i for i, n in enumerate(slot.shape) if n == 1]
+        g = math.prod(batch[i] for i in groups)
+        n = len(batch)
+        loc_b, value_b = [(1,) * (n - t.dim() + 1) + tuple(t.shape[:-1]) for t in (loc, value)]
+        if g <= 1024 and all(loc_b[i] == 1 for i in pooled) and all(value_b[i] == 1 for i in groups):
+            # Each slot's mean is one vector and the data the same for all slots (a mixture):
+            # one slot at a time, as scikit-learn does, never the N x K x D tensor.
+            X = value.reshape(value_b + value.shape[-1:]).permute(pooled + groups + [n]).reshape(-1, D)
+            means = loc.reshape(loc_b + (D,)).expand(tuple(batch[i] if i in groups else 1 for i in range(n)) + (D,))
+            means = means.permute(groups + pooled + [n]).reshape(g, D)
+            W = weight.expand(batch).permute(groups + pooled).reshape(g, -1)
+            scatter = torch.stack([_weighted_scatter(X, means[j], W[j]) for j in range(g)])
+            slot = slot.permute(groups + pooled).reshape(-1)
+            n_slots = ctx.numel // (D * D)
+            S = scatter.new_zeros(n_slots, D, D).index_add_(0, slot, scatter)
+            w = W.sum(-1)
+            return {"scatter": S, "w": w.new_zeros(n_slots).index_add_(0, slot, w)}
         # sqrt(w) (x - mu), arranged (slot groups, pooled elements, D): one N x K x D tensor.
+        diff = value - loc
         scaled = diff.expand(batch + (D,)).contiguous() if diff.shape[:-1] != batch else diff
         scaled.mul_(weight.sqrt().unsqueeze(-1))
         scaled = scaled.permute(groups + pooled + [len(batch)])
-        g = math.prod(batch[i] for i in groups)
         scaled = scaled.reshape(g, -1, D)
         scatter = scaled.mT @ scaled
         slot = slot.permute(groups + pooled).reshape(-1)  # g slots: pooled dims have size 1
@@ -623,6 +638,12 @@ class _CovarianceRule(Rule):
         else:
             new = torch.cholesky_inverse(L)
         return keep_old(old, new, W.reshape(old.shape[:-2]))
+
+
+def _weighted_scatter(X: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_n (x_n - mean)(x_n - mean)^T`` for rows ``X (N, D)``."""
+    d = (X - mean).mul_(w.sqrt().unsqueeze(-1))
+    return d.T @ d
 
 
 for _arg in ("scale_tril", "covariance_matrix", "precision_matrix"):
