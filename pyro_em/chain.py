@@ -141,7 +141,8 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         arg, (name, ids) = next(iter(tracked_args.items()))
         enum_dim = None if t == 0 else scored.nodes[states[t - 1]]["infer"]["_enumerate_dim"]
         ids = _canonical(ids, enum_dim, 1, K)
-        return None if ids is None else (name, ids, arg)
+        # Constant elements (id -1, as in torch.cat([p, zeros])) are not rebuilt from the param.
+        return None if ids is None or bool((ids < 0).any()) else (name, ids, arg)
 
     start, trans = state_spec(0), state_spec(1) if T > 1 else None
     if start is None or (T > 1 and trans is None):
@@ -170,7 +171,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             if arg in tracked_args:
                 pname, ids = tracked_args[arg]
                 ids = _canonical(ids, enum_dim, arg_event, K)
-                if ids is None:
+                if ids is None or bool((ids < 0).any()):
                     return None
                 spec[arg] = (pname, ids)
             else:

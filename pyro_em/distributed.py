@@ -58,7 +58,10 @@ def all_reduce(tensor: torch.Tensor, error: Optional[BaseException] = None) -> t
 def check(error: Optional[BaseException]) -> None:
     """Raise ``error`` if this process met it, and a ``RuntimeError`` in every other process
     (see :func:`all_reduce`); nothing if no process failed."""
-    all_reduce(torch.zeros(1), error)
+    if active():
+        all_reduce(torch.zeros(1), error)
+    elif error is not None:
+        raise error
 
 
 def broadcast_params(names: Iterable[str]) -> None:

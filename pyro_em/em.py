@@ -388,12 +388,8 @@ class EM:
         return result
 
     def _fit_once(self, args: tuple, kwargs: dict, **fit_kwargs) -> EMResult:
-        rows = self._rows(args, kwargs)
-        return self._fit_loop(lambda: (self.step(*args, **kwargs), rows), **fit_kwargs)
-
-    @staticmethod
-    def _rows(args: tuple, kwargs: dict) -> int:
-        return PlannedBatch(args, kwargs, None, None).rows
+        points = iteration.rows(args, kwargs)
+        return self._fit_loop(lambda: (self.step(*args, **kwargs), points), **fit_kwargs)
 
     def _new_run(self) -> None:
         """Forget what depends on the params' identity (a restart makes new ones)."""

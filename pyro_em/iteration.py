@@ -45,7 +45,7 @@ class PlannedBatch:
     kwargs: Dict[str, Any]
     plan: MStepPlan
     chain: Optional[FusedChain]
-    structure: List[Optional[tuple]] = field(default_factory=lambda: [None])
+    structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
 
     @property
     def updates(self) -> MStepPlan:
@@ -54,9 +54,14 @@ class PlannedBatch:
 
     @property
     def rows(self) -> int:
-        """The size of the first dim of the batch's first tensor argument (its data points)."""
-        first = next((a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        return int(first.shape[0]) if first is not None and first.dim() else 1
+        """The batch's data points (see :func:`rows`)."""
+        return rows(self.args, self.kwargs)
+
+
+def rows(args: tuple, kwargs: dict) -> int:
+    """The size of the first dim of the first tensor argument: a batch's data points."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 class PlanCache:
@@ -118,7 +123,7 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
 @dataclass
 class Online:
     """Stepwise EM's running statistics and the weight of the next batch's (see
-    :meth:`EM.step_online`)."""
+    :class:`~pyro_em.OnlineEM`)."""
 
     stats: Stats = field(default_factory=dict)
     step_size: float = 1.0
@@ -264,8 +269,12 @@ class _Iteration:
         em = self.em
         stalled = em._gradient_m_step(Objective(_Pieces(self), list(rest.values())), rest)
         if any(name.startswith(em.map_prefix + ".") for name in rest):
-            first = self._kept[0][0] if self.keep else next(self.planned(True))
-            check_map_bounded(em._probe_trace(first.args, first.kwargs), rest, em.map_prefix)
+            if self.keep:  # the kept E-step's trace holds the MAP sites' priors
+                trace = self._kept[0][3].trace
+            else:
+                first = next(self.planned(True))
+                trace = em._probe_trace(first.args, first.kwargs)
+            check_map_bounded(trace, rest, em.map_prefix)
         return stalled
 
 
@@ -308,9 +317,10 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
         parts = {p[0]: p[1:] for p in components(fn, pb.chain.values, weight)}
         return (lambda site: parts), log_z, None
     estep = em._e_step_at(em.temperature, pb.args, pb.kwargs)
-    if pb.structure[0] is None:
-        pb.structure[0] = structure(estep.trace)
-    check_same_structure(pb.structure[0], structure(estep.trace))
+    shape = structure(estep.trace)
+    if pb.structure is None:
+        pb.structure = shape
+    check_same_structure(pb.structure, shape)
     if drop_global:
         estep = _without_global_terms(estep)
     return estep_parts(estep), estep.log_z, estep

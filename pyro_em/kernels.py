@@ -76,20 +76,35 @@ def _arrange(columns: list, constant: torch.Tensor, comp_last: bool, batch: torc
     return (torch.stack(columns) + constant.unsqueeze(-1)).reshape(batch)
 
 
-def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[torch.Tensor]:
-    D = fn.event_shape[0]
-    L = fn._unbroadcasted_scale_tril
-    loc = compact(fn.loc)
+def _per_component(fn: td.Distribution, value: torch.Tensor, params, events, max_blocks: Optional[int] = _MAX_BLOCKS):
+    """``params`` (each with the event shape in ``events``) laid out one row per component,
+    for a kernel over a value with one event dim, validated.
+
+    :returns: ``(rows, batch, comp_last)`` (see :func:`_layout`), or ``None`` where a
+        per-component kernel does not apply (or is no faster: small data, many components).
+    """
     batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    layout = _layout(batch, [L.shape[:-2], loc.shape[:-1]], value.shape[:-1])
-    if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
+    layout = _layout(batch, [p.shape[: p.dim() - len(e)] for p, e in zip(params, events)], value.shape[:-1])
+    if value.numel() < _MIN_ELEMENTS or layout is None or (max_blocks and math.prod(layout[0]) > max_blocks):
         return None
-    comp_shape, (L_b, loc_b), comp_last = layout
-    blocks = math.prod(comp_shape)
+    comp_shape, padded, comp_last = layout
     if fn._validate_args:
         fn._validate_sample(value)
-    L = L.reshape(L_b + (D, D)).expand(comp_shape + (D, D)).reshape(blocks, D, D)
-    loc = loc.reshape(loc_b + (D,)).expand(comp_shape + (D,)).reshape(blocks, D)
+    blocks = math.prod(comp_shape)
+    rows = [
+        p.reshape(b + p.shape[p.dim() - len(e):]).expand(comp_shape + e).reshape((blocks,) + e)
+        for p, b, e in zip(params, padded, events)
+    ]
+    return rows, batch, comp_last
+
+
+def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[torch.Tensor]:
+    D = fn.event_shape[0]
+    laid = _per_component(fn, value, [fn._unbroadcasted_scale_tril, compact(fn.loc)], [(D, D), (D,)])
+    if laid is None:
+        return None
+    (L, loc), batch, comp_last = laid
+    blocks = L.shape[0]
     x = value.reshape(-1, D)
     eye = torch.eye(D, dtype=L.dtype, device=L.device).expand(blocks, D, D)
     precision_tril_t = torch.linalg.solve_triangular(L, eye, upper=False).mT.contiguous()  # L^-T
@@ -170,18 +185,12 @@ def _diagonal_normal_log_prob(fn: td.Independent, value: torch.Tensor) -> Option
     ``x^2 / s^2 - 2 x m / s^2 + m^2 / s^2`` in matrix products: its cancellation costs digits
     wherever the data lie far from zero relative to the scales."""
     base = fn.base_dist
-    loc, scale = compact(base.loc), compact(base.scale)
     D = fn.event_shape[0]
-    batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    layout = _layout(batch, [loc.shape[:-1], scale.shape[:-1]], value.shape[:-1])
-    if value.numel() < _MIN_ELEMENTS or layout is None or math.prod(layout[0]) > _MAX_BLOCKS:
+    laid = _per_component(fn, value, [compact(base.loc), compact(base.scale)], [(D,), (D,)])
+    if laid is None:
         return None
-    comp_shape, (loc_b, scale_b), comp_last = layout
-    if fn._validate_args:
-        fn._validate_sample(value)
-    blocks = math.prod(comp_shape)
-    loc = loc.reshape(loc_b + loc.shape[-1:]).expand(comp_shape + (D,)).reshape(blocks, D)
-    scale = scale.reshape(scale_b + scale.shape[-1:]).expand(comp_shape + (D,)).reshape(blocks, D)
+    (loc, scale), batch, comp_last = laid
+    blocks = loc.shape[0]
     x = value.reshape(-1, D).to(torch.promote_types(loc.dtype, value.dtype))
     inv = scale.reciprocal()
     maha = [((x - loc[b]) * inv[b]).square_().sum(-1).mul_(-0.5) for b in range(blocks)]
@@ -201,19 +210,14 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
             return result
     family = next((_FAMILIES[t] for t in type(base).__mro__ if t in _FAMILIES), None)
     spec = family(base) if family is not None and fn.reinterpreted_batch_ndims == 1 else None
-    if spec is None or value.numel() < _MIN_ELEMENTS:
+    D = fn.event_shape[0] if fn.event_shape else 0
+    laid = _per_component(fn, value, spec[0], [(D,)] * len(spec[0]), max_blocks=None) if spec else None
+    if laid is None:
         return _sum_rightmost(log_prob(base, value), fn.reinterpreted_batch_ndims)
-    params, stats, natural, normalizer, base_measure = spec
-    D = fn.event_shape[0]
-    batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
-    layout = _layout(batch, [p.shape[:-1] for p in params], value.shape[:-1])
-    if layout is None:
-        return _sum_rightmost(log_prob(base, value), 1)
-    comp_shape, padded, comp_last = layout
-    if fn._validate_args:
-        fn._validate_sample(value)
+    _, stats, natural, normalizer, base_measure = spec
+    params, batch, comp_last = laid
     dtype = torch.promote_types(params[0].dtype, value.dtype) if value.is_floating_point() else params[0].dtype
-    params = [p.reshape(b + p.shape[-1:]).expand(comp_shape + (D,)).reshape(-1, D).to(dtype) for p, b in zip(params, padded)]
+    params = [p.to(dtype) for p in params]
     X = value.reshape(-1, D).to(dtype)
     eta = torch.cat(natural(*params), -1)  # (components, m D)
     T = torch.cat(stats(X), -1)  # (data, m D)

@@ -14,6 +14,7 @@ import numbers
 from typing import Any, Callable, Iterable, Tuple
 
 from .em import EM, _Batches, _accepts_numpy
+from . import iteration
 from .iteration import Online
 
 
@@ -94,5 +95,5 @@ class OnlineEM(EM):
         loss, rows = 0.0, 0
         for args, kwargs in _Batches(batches):
             loss += self.step(*args, **kwargs)
-            rows += self._rows(args, kwargs)
+            rows += iteration.rows(args, kwargs)
         return loss, rows

@@ -144,11 +144,14 @@ def _plain(x):
 
 def _joined_ids(parts):
     """ids for a tensor assembled from tracked and constant parts, or None if the tracked parts
-    are not all plain rearrangements of one param. Constant elements get id -1."""
+    are not all plain rearrangements of one param, or a part that is not tracked depends on a
+    param all the same (``1 - p`` in ``torch.cat([p, 1 - p])``). Constant elements get id -1."""
     tracked = [p for p in parts if isinstance(p, Tracked)]
     if not tracked or any(
         p.role != "value" or p.maps != tracked[0].maps or p.param_name != tracked[0].param_name for p in tracked
     ):
+        return None
+    if any(isinstance(p, torch.Tensor) and not isinstance(p, Tracked) and p.requires_grad for p in parts):
         return None
     device = tracked[0].ids.device
     return tracked[0].param_name, tracked[0].maps, [

@@ -262,6 +262,43 @@ def gmm_tutorial(data, K=2):
         pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
 
 
+@config_enumerate
+def gmm_params(data, K=2):
+    """The GMM tutorial with params in place of its priors: a plain mixture, which EM steps as a
+    fused chain of length one."""
+    weights = pyro.param("weights", torch.ones(K) / K, constraint=constraints.simplex)
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=constraints.positive)
+    locs = pyro.param("locs", torch.tensor([0.0, 10.0]))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def gmm_batch(data):
+    """tests/infer/test_enum.py's vectorized mixture: a OneHotCategorical latent whose probs are
+    ``torch.cat([p, 1 - p])`` (p enters through a computation), loc ``(z * mus).sum(-1)``."""
+    p = pyro.param("p", torch.tensor([0.3]), constraint=constraints.unit_interval)
+    p = torch.cat([p, 1 - p])
+    scale = pyro.param("scale", torch.tensor([1.0]), constraint=constraints.positive)
+    mus = torch.tensor([-1.0, 1.0])
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.OneHotCategorical(p), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal((z * mus).sum(-1), scale), obs=data)
+
+
+def param_hmm(data, hidden_dim=3, data_dim=4):
+    """The enumeration tutorial's HMM with params in place of its priors (Vindex-indexed
+    tables, one sequence): EM steps it as a fused DiscreteHMM."""
+    transition = pyro.param("transition", torch.full((hidden_dim, hidden_dim), 1.0) + torch.eye(hidden_dim),
+                            constraint=constraints.simplex)
+    emission = pyro.param("emission", torch.arange(1.0, 1.0 + hidden_dim * data_dim).reshape(hidden_dim, data_dim),
+                          constraint=constraints.simplex)
+    x = 0
+    for t, y in pyro.markov(enumerate(data)):
+        x = pyro.sample(f"x_{t}", dist.Categorical(Vindex(transition)[x]), infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Categorical(Vindex(emission)[x]), obs=y)
+
+
 def enumeration_hmm(data, data_dim, hidden_dim=3):
     """The enumeration tutorial's HMM: Jeffreys Dirichlet(0.5) priors, one sequence."""
     with pyro.plate("hidden_state", hidden_dim):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_em import EM, ConvergenceWarning, OnlineEM
 from pyro_models import capture_history, cjs_1, gmm_tutorial, hmm_1, polyphonic
+from test_errors import mixture
 
 
 def _iterates(make_em, step, steps):
@@ -249,15 +250,6 @@ def test_batches_of_one_signature_share_a_plan_unless_it_is_tied_to_the_data(mon
     # plan still serves the other batches, by the traced path.
     plans.clear()
     pyro.clear_param_store()
-
-    @pyro.infer.config_enumerate
-    def mixture(x):
-        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
-        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Categorical(w))
-            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
-
     em = EM(mixture)
     em.step(x)
     assert em.fused_chain is not None

@@ -293,3 +293,27 @@ def test_multinomial_emissions_closed_form():
     r = (log_joint - log_joint.logsumexp(-1, keepdim=True)).exp()
     expected = r.T @ counts.double()
     torch.testing.assert_close(pyro.param("probs").detach(), expected / expected.sum(-1, keepdim=True))
+
+
+def test_weights_padded_with_a_constant_keep_their_loss():
+    """``torch.cat([w, zeros])``: the last component's weight is a constant 0, not a slot of
+    the param. Such a mixture is stepped by the traced path (a fused chain rebuilds its tables
+    from param slots alone) and its loss is TraceEnum_ELBO's; the padded component stays empty."""
+    from test_pyro_models import traceenum_loss
+
+    data = torch.cat([torch.randn(30) - 2, torch.randn(30) + 2])
+
+    @config_enumerate
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0, 5.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.cat([w, torch.zeros(1)])))
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+    em = EM(model)
+    for _ in range(3):
+        expected = traceenum_loss(model, (data,), {}, 1)
+        assert em.step(data) == pytest.approx(expected, rel=1e-12)
+    assert em.fused_chain is None
+    assert float(pyro.param("locs").detach()[2]) == 5.0

@@ -39,6 +39,10 @@ def _cases():
     yield "cjs_2", M.cjs_2, M.capture_history(), 1
     yield "gmm_tutorial", M.gmm_tutorial, (M.GMM_DATA.float(),), 1  # float32 data, float64 params
     yield "enumeration_hmm", M.enumeration_hmm, (torch.tensor([0, 1, 2, 3, 1, 0, 2, 2, 3, 1]), 4), 1
+    yield "gmm_params", M.gmm_params, (M.GMM_DATA,), 1
+    mixed = torch.randn(40, generator=torch.Generator().manual_seed(0)) + torch.arange(40) % 2 * 2 - 1
+    yield "gmm_batch", M.gmm_batch, (mixed,), 1
+    yield "param_hmm", M.param_hmm, (torch.tensor([0, 1, 2, 3, 1, 0, 2, 2, 3, 1]),), 0
     yield "lda", M.lda, M.lda_data(), 2
     data = torch.randn(15, 2, generator=torch.Generator().manual_seed(0)) + torch.arange(3.0).repeat(5)[:, None] * 3
     yield "masked_mixture", M.masked_mixture, (data,), 1
@@ -68,6 +72,11 @@ def test_pyro_model_runs_exactly(name, include_prior, map_space):
         return
     for before, after in zip(losses, losses[1:]):
         assert after <= before + 1e-10 * abs(before)
+    # The loss a step returns (by a fused chain where EM recognized one) is TraceEnum_ELBO's
+    # at the params the step started from.
+    if map_space == "constrained":
+        expected = traceenum_loss(model, args, kwargs, nest)
+        assert em.step(*args, **kwargs) == pytest.approx(expected, rel=1e-9)
     # The loss (the constrained MAP objective) equals TraceEnum_ELBO's at the fitted params.
     loss = EM(model, max_plate_nesting=nest).evaluate_loss(*args, **kwargs)
     assert loss == pytest.approx(traceenum_loss(model, args, kwargs, nest), rel=1e-9)
