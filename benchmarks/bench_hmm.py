@@ -7,9 +7,9 @@ hmmlearn's time per iteration is the difference between fits with n_iter=1 and n
 for its default ``implementation="log"`` and for ``"scaling"``; pyro_em's is a steady-state
 ``EM.step``; its first step (which traces the model and plans) is printed too.
 
-With ``--scan``, times instead the two forward-backward algorithms of ``pyro_em.hmm`` (the
-scaled sequential recursions and the log-depth parallel one) over a grid of sizes, the
-measurements behind ``pyro_em.hmm.use_parallel``'s choice on the CPU.
+With ``--scan``, times instead the three forward-backward algorithms of ``pyro_em.hmm`` (the
+scaled sequential recursions, the same in blocks, and the log-depth parallel one) over a grid
+of sizes, the measurements behind ``pyro_em.hmm.choose_algorithm``'s choice on the CPU.
 
 Run:  python benchmarks/bench_hmm.py [--repeat 3] [--scan]
 Needs hmmlearn (``pip install -e ".[test]"``).
@@ -106,31 +106,32 @@ def main(repeat):
 
 
 def scan(repeat):
-    """Seconds per forward-backward pass, sequential and parallel, and what auto chooses."""
+    """Seconds per forward-backward pass by each algorithm, and what auto chooses."""
     from pyro_em import hmm as H
 
     torch.set_default_dtype(torch.float64)
     g = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
     print(f"forward-backward, float64, CPU, torch threads={torch.get_num_threads()}")
-    print(f"{'S':>5s} {'T':>7s} {'K':>3s} {'sequential':>11s} {'parallel':>10s} {'auto picks':>11s}")
+    print(f"{'S':>5s} {'T':>7s} {'K':>3s} " + " ".join(f"{a:>10s}" for a in H.ALGORITHMS) + f" {'auto picks':>11s}")
     for S, T, K in [(1, 10_000, 2), (1, 10_000, 4), (1, 10_000, 8), (1, 10_000, 16), (8, 2000, 4),
-                    (8, 2000, 8), (50, 2000, 8), (1, 256, 4), (1, 128, 4)]:
+                    (8, 2000, 8), (50, 2000, 8), (20, 1000, 16), (50, 1000, 16), (100, 1000, 16),
+                    (10, 1000, 32), (1, 256, 4), (1, 64, 8), (3, 32, 4)]:
         fn = dist.DiscreteHMM(torch.randn(K, generator=g).log_softmax(-1), torch.randn(K, K, generator=g).log_softmax(-1),
                               dist.Categorical(torch.randn(K, 6, generator=g).softmax(-1)))
         X = torch.randint(6, (S, T), generator=g)
         times = []
-        for parallel in (False, True):
-            H.PARALLEL = parallel
+        for algorithm in H.ALGORITHMS:
+            H.ALGORITHM = algorithm
             times.append(best_time(lambda: H.forward_backward(fn, X), repeat))
-        H.PARALLEL = None
-        pick = "parallel" if H.use_parallel(S, T, K, device) else "sequential"
-        print(f"{S:5d} {T:7d} {K:3d} {times[0]:11.4f} {times[1]:10.4f} {pick:>11s}")
+        H.ALGORITHM = None
+        pick = H.choose_algorithm(S, T, K, device)
+        print(f"{S:5d} {T:7d} {K:3d} " + " ".join(f"{t:10.4f}" for t in times) + f" {pick:>11s}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--scan", action="store_true", help="sequential against parallel forward-backward")
+    parser.add_argument("--scan", action="store_true", help="the forward-backward algorithms against each other")
     args = parser.parse_args()
     scan(args.repeat) if args.scan else main(args.repeat)

@@ -9,15 +9,17 @@ posteriors come out of one pass: the start state's, the pairwise ``(z[t-1], z[t]
 the transitions (xi) and the per-step ones of the observations (gamma), which are exactly
 the weights of Baum-Welch's closed-form updates.
 
-:func:`parallel_forward_backward` is the log-depth alternative (as dynamax's parallel
-smoother, Särkkä and García-Fernández 2021): ``log Z`` by Pyro's own tree of log-space matrix
-products, every posterior as its gradient. It does K times the work but only ``2 log2 T``
-sequential steps, so it wins where each sequential step is cheap but many (a GPU, or few short
-state spaces over long sequences); :func:`forward_backward` chooses (see
-:func:`use_parallel`).
+Two variants cut the ``2 T`` sequential steps, which cost more than their arithmetic when a
+step is small (few sequences and states): the blocked recursions (:func:`_forward_blocked`)
+give the same numbers in about ``5 sqrt(T)`` steps for ``K`` times the work of the first
+pass, and :func:`parallel_forward_backward` is the log-depth one (as dynamax's parallel
+smoother, Särkkä and García-Fernández 2021): ``log Z`` by Pyro's own tree of log-space
+matrix products, every posterior as its gradient, in ``2 log2 T`` steps.
+:func:`choose_algorithm` picks one per call.
 """
 
 import functools
+import math
 import operator
 from typing import NamedTuple, Optional, Tuple
 
@@ -71,15 +73,27 @@ def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, tor
     return fn.initial_logits.expand(batch + (K,)), trans, obs.expand(time_shape + (K,))
 
 
+class _Blocked(NamedTuple):
+    """The blocked forward pass's state that its backward pass reuses (see :func:`_forward`)."""
+
+    blocks: "_Blocks"
+    transitions: torch.Tensor  # (K, K), or (L, C, K, K) one per step
+    products: torch.Tensor  # (C, S, K, K): each block's product of A_t diag(b_t), rescaled
+    starts: torch.Tensor  # (C, S, K): the filtered state at each block's start (alphas[c L])
+    b: torch.Tensor  # (L, C, S, K): b, padded with ones
+    scales: torch.Tensor  # (L, C, S): scales, padded
+
+
 class _Forward(NamedTuple):
     alphas: torch.Tensor  # (T + 1, ..., K): filtered state probabilities, alphas[0] = initial
     scales: torch.Tensor  # (T, ...): per-step normalizers of the shifted likelihoods
     log_z: torch.Tensor  # (...)
     b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step
     probs: torch.Tensor  # (..., T or 1, K, K): transition probabilities
+    blocked: Optional[_Blocked] = None  # set by the blocked algorithm
 
 
-def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> _Forward:
+def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algorithm: str) -> _Forward:
     T = obs.shape[-2]
     # Exponentiate the transitions before broadcasting: one matrix for a homogeneous chain,
     # one per step for a time-varying one, a batch of them only if they vary by sequence.
@@ -87,6 +101,8 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> _
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
     b = (obs - shift.unsqueeze(-1)).exp().movedim(-2, 0)
     batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
+    if algorithm == "blocked":
+        return _forward_blocked(initial.exp(), probs, b, shift, batch)
     alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
     alphas[0] = initial.exp()
     scales = obs.new_empty((T,) + batch)
@@ -99,6 +115,103 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> _
     return _Forward(alphas, scales, log_z, b, probs)
 
 
+class _Blocks(NamedTuple):
+    """Time ``0 .. T-1`` cut into ``C`` blocks of ``L`` steps, the last padded, laid out
+    ``(L, C, ...)`` so that step ``l`` of every block is one contiguous slice."""
+
+    L: int
+    C: int
+
+    @staticmethod
+    def of(T: int) -> "_Blocks":
+        # 3 L + 2 C sequential steps in all (see _forward_blocked): fewest at L = sqrt(2 T / 3).
+        L = max(1, round(math.sqrt(2 * T / 3)))
+        return _Blocks(L, -(-T // L))
+
+    def split(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """``(T, ...)`` to ``(L, C, ...)``, the missing steps filled with ``pad``."""
+        missing = self.L * self.C - x.shape[0]
+        if missing:
+            x = torch.cat([x, pad.expand((missing,) + x.shape[1:])])
+        return x.view((self.C, self.L) + x.shape[1:]).transpose(0, 1).contiguous()
+
+    def join(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """``(L, C, ...)`` back to ``(T, ...)``."""
+        return x.transpose(0, 1).reshape((-1,) + x.shape[2:])[:T]
+
+
+def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, batch: torch.Size) -> _Forward:
+    """The scaled forward recursion in ``3 L + 2 C`` sequential steps instead of ``T``.
+
+    With ``M_t = A_t diag(b_t)`` the unnormalized filter is ``alpha_T = pi M_0 ... M_{T-1}``.
+    (1) Every block's product ``P_c`` is built in ``L`` steps, all blocks at once (K times the
+    work of a step of the recursion); (2) the filtered state at each block's start follows in
+    ``C`` steps, ``v_{c+1} = v_c P_c`` normalized; (3) the recursion itself runs in ``L``
+    steps, all blocks at once, each from its own start: the same alphas and scales as the
+    sequential loop, to round-off. Each product is rescaled by a positive number at every
+    step, so nothing underflows; only its direction matters.
+    """
+    T, K = b.shape[0], b.shape[-1]
+    S = batch.numel()
+    blocks = _Blocks.of(T)
+    C = blocks.C
+    b = blocks.split(b.expand((T,) + batch + (K,)).reshape(T, S, K), b.new_ones(()))
+    steps = probs.reshape(probs.shape[-3:])  # (T or 1, K, K): _algorithm checked no batch dims
+    A = steps[0] if steps.shape[0] == 1 else blocks.split(steps, torch.eye(K, dtype=b.dtype, device=b.device))
+    P = (A[0] if A.dim() == 4 else A).unsqueeze(-3) * b[0].unsqueeze(-2)  # (C, S, K, K)
+    for l in range(1, blocks.L):
+        norm = P.sum((-2, -1)).unsqueeze(-1)  # rescale by the previous step's size
+        P = _block_matmul(P, A, l).mul_((b[l] / norm).unsqueeze(-2))
+    starts = b.new_empty(C, S, K)
+    starts[0] = initial.expand(batch + (K,)).reshape(S, K)
+    for c in range(C - 1):
+        v = (starts[c].unsqueeze(-2) @ P[c]).squeeze(-2)
+        torch.div(v, v.sum(-1, keepdim=True), out=starts[c + 1])
+    alphas, scales = torch.empty_like(b), b.new_empty(b.shape[:-1])
+    alpha = starts
+    for l in range(blocks.L):
+        a = _block_matmul(alpha, A, l).mul_(b[l])
+        torch.sum(a, -1, out=scales[l])
+        alpha = torch.div(a, scales[l].unsqueeze(-1), out=alphas[l])
+    all_alphas = b.new_empty((T + 1, S, K))
+    all_alphas[0] = starts[0]
+    all_alphas[1:] = blocks.join(alphas, T)
+    flat_scales = blocks.join(scales, T)
+    log_z = flat_scales.log().sum(0).view(batch) + shift.sum(-1)
+    blocked = _Blocked(blocks, A, P, starts, b, scales)
+    b_out = blocks.join(b, T).view((T,) + batch + (K,))
+    return _Forward(all_alphas.view((T + 1,) + batch + (K,)), flat_scales.view((T,) + batch), log_z, b_out, probs, blocked)
+
+
+def _block_matmul(x: torch.Tensor, A: torch.Tensor, l: int, transpose: bool = False) -> torch.Tensor:
+    """``x @ A_t`` for step ``l`` of every block: ``x`` is ``(C, S, ..., K)``, ``A`` one
+    ``(K, K)`` matrix or ``(L, C, K, K)`` per step; one matrix product either way."""
+    if A.dim() == 2:
+        return (x.reshape(-1, x.shape[-1]) @ (A.mT if transpose else A)).view(x.shape)
+    step = A[l].mT if transpose else A[l]
+    return (x.reshape(x.shape[0], -1, x.shape[-1]) @ step).view(x.shape)
+
+
+def _backward_blocked(fwd: _Forward) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The backward recursion of :func:`forward_backward` in ``C + L`` sequential steps, from
+    the blocked forward pass's products: the backward message at each block's end comes from
+    the next block's product (normalized so that it sums to one against that block's
+    filtered start, as the exact scaled message does), then every block runs its ``L``
+    steps at once. Returns the message of ``z[-1]`` and ``b_t beta_t / scale_t`` ``(T, ..., K)``."""
+    blocks, A, P, starts, b, scales = fwd.blocked
+    ends = torch.empty_like(starts)  # beta at each block's last step
+    ends[-1] = 1
+    for c in range(blocks.C - 1, 0, -1):
+        w = (P[c] @ ends[c].unsqueeze(-1)).squeeze(-1)
+        torch.div(w, (starts[c] * w).sum(-1, keepdim=True), out=ends[c - 1])
+    b_beta = b.div_(scales.unsqueeze(-1))  # the padded b is not needed again
+    beta = ends
+    for l in range(blocks.L - 1, -1, -1):
+        beta = _block_matmul(b_beta[l].mul_(beta), A, l, transpose=True)
+    T = fwd.scales.shape[0]
+    return beta[0].view(fwd.alphas.shape[1:]), blocks.join(b_beta, T).view(fwd.b.shape)
+
+
 def _steps(probs: torch.Tensor, T: int) -> list:
     """The transition matrix of each step (views; one shared matrix if homogeneous), as
     plain K x K matrices unless they vary along a batch dim."""
@@ -108,6 +221,17 @@ def _steps(probs: torch.Tensor, T: int) -> list:
     return [per_step[0]] * T if per_step.shape[0] == 1 else list(per_step.unbind(0))
 
 
+def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``alphas[t] @ A_t`` for every step at once: ``alphas (T, ..., K)``, transitions
+    ``(..., T or 1, K, K)``; one matrix product unless the transitions vary by sequence."""
+    steps = probs.movedim(-3, 0)
+    if any(n > 1 for n in steps.shape[1:-2]):
+        return (alphas.unsqueeze(-2) @ steps).squeeze(-2)
+    steps = steps.reshape(steps.shape[:1] + steps.shape[-2:])
+    flat = alphas.reshape(alphas.shape[0] if steps.shape[0] > 1 else 1, -1, alphas.shape[-1])
+    return (flat @ steps).view(alphas.shape)
+
+
 def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``row @ A`` for a batch of rows ``(..., K)``, batched over ``A``'s leading dims if any."""
     return row @ A if A.dim() == 2 else (row.unsqueeze(-2) @ A).squeeze(-2)
@@ -115,21 +239,31 @@ def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 _last_forward: list = []  # (fn, value, _Forward) of the latest E-step, reused by forward_backward
 
+ALGORITHMS = ("sequential", "blocked", "parallel")
 
-#: ``None`` to choose per call (:func:`use_parallel`); ``True`` or ``False`` to force.
-PARALLEL: Optional[bool] = None
+#: ``None`` to choose per call (:func:`choose_algorithm`), or one of :data:`ALGORITHMS` to force it.
+ALGORITHM: Optional[str] = None
 
 
-def use_parallel(batch: int, T: int, K: int, device: torch.device) -> bool:
-    """Whether :func:`parallel_forward_backward` is the faster here: always on a GPU (a
-    sequential step is a kernel launch), on a CPU for long sequences whose steps carry little
-    work (``batch * K**3`` small: the parallel tree's K^3 work per step against the sequential
-    loop's Python overhead). Measured by ``benchmarks/bench_hmm.py --scan``."""
-    if PARALLEL is not None:
-        return PARALLEL
+def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
+    """The forward-backward algorithm for ``batch`` sequences of ``T`` steps over ``K``
+    states, the fastest measured by ``benchmarks/bench_hmm.py --scan``:
+
+    * ``"sequential"``: the scaled recursions, ``2 T`` sequential steps of ``batch K^2`` work;
+    * ``"blocked"``: the same recursions in blocks of ``L ~ sqrt(2 T / 3)`` steps, about
+      ``5 sqrt(T)`` sequential steps and ``batch K^3`` more work per time step: on a CPU
+      where a step's work is small against its fixed cost (``batch K^3 <= 2^17``);
+    * ``"parallel"``: :func:`parallel_forward_backward`, ``2 log2 T`` steps of ``K`` times
+      the blocked one's work: on a GPU (a sequential step is a kernel launch), and on a CPU
+      for a long sequence over very few states (``batch K^3 <= 64``, ``T >= 4096``).
+    """
+    if ALGORITHM is not None:
+        return ALGORITHM
     if device.type != "cpu":
-        return T > 1
-    return T >= 64 and batch * K**3 <= 4096
+        return "parallel" if T > 1 else "sequential"
+    if T >= 4096 and batch * K**3 <= 64:
+        return "parallel"
+    return "blocked" if T >= 64 and batch * K**3 <= 2**17 else "sequential"
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
@@ -137,46 +271,57 @@ def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
     :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
     with torch.no_grad():
         factors = hmm_factors(fn, value)
-    if _parallel(*factors):
+    algorithm = _algorithm(*factors)
+    if algorithm == "parallel":
         post = parallel_forward_backward(*factors)
         _last_forward[:] = [fn, value, post]
         return post.log_z
     with torch.no_grad():
-        fwd = _forward(*factors)
+        fwd = _forward(*factors, algorithm)
     _last_forward[:] = [fn, value, fwd]
     return fwd.log_z
 
 
-def _parallel(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> bool:
+def _algorithm(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> str:
     batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2]).numel()
-    return use_parallel(batch, obs.shape[-2], obs.shape[-1], obs.device)
+    algorithm = choose_algorithm(batch, obs.shape[-2], obs.shape[-1], obs.device)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"pyro_em.hmm.ALGORITHM must be None or one of {ALGORITHMS}, got {algorithm!r}.")
+    if algorithm == "blocked" and any(n > 1 for n in compact(trans).shape[:-3]):
+        return "sequential"  # transitions that vary by sequence: not blocked (yet)
+    return algorithm
 
 
 def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
     """The log likelihood and every posterior of ``fn`` at ``value`` (see :class:`HMMPosterior`),
-    by the scaled forward-backward recursions or :func:`parallel_forward_backward`."""
+    by the scaled forward-backward recursions (in blocks or not) or
+    :func:`parallel_forward_backward`, as :func:`choose_algorithm` says."""
     cached = _last_forward[2] if _last_forward and _last_forward[0] is fn and _last_forward[1] is value else None
     _last_forward.clear()
     if isinstance(cached, HMMPosterior):
         return cached
     with torch.no_grad():
         factors = hmm_factors(fn, value) if cached is None else None
-    if cached is None and _parallel(*factors):
+    algorithm = _algorithm(*factors) if cached is None else None
+    if algorithm == "parallel":
         return parallel_forward_backward(*factors)
     with torch.no_grad():
-        fwd = cached if cached is not None else _forward(*factors)
-        T = fwd.scales.shape[0]
+        fwd = cached if cached is not None else _forward(*factors, algorithm)
         # betas[t] is p(x[t+1:] | z[t]) divided by the later scales, so alphas[t+1] * betas[t]
         # is the posterior of z[t]; b_beta[t] = b[t] * betas[t] / scales[t], and the loop
         # leaves beta as the posterior weight of z[-1].
-        b_beta = fwd.b / fwd.scales.unsqueeze(-1)  # b[t] / scales[t], times beta[t] below
-        beta = torch.ones_like(fwd.alphas[0])
-        step = _steps(fwd.probs.mT, T)  # A^T per step: beta_{t-1} = b_beta_t @ A_t^T
-        for t in range(T - 1, -1, -1):
-            beta = _matmul(b_beta[t].mul_(beta), step[t])
+        if fwd.blocked is not None:
+            beta, b_beta = _backward_blocked(fwd)
+        else:
+            T = fwd.scales.shape[0]
+            b_beta = fwd.b / fwd.scales.unsqueeze(-1)  # b[t] / scales[t], times beta[t] below
+            beta = torch.ones_like(fwd.alphas[0])
+            step = _steps(fwd.probs.mT, T)  # A^T per step: beta_{t-1} = b_beta_t @ A_t^T
+            for t in range(T - 1, -1, -1):
+                beta = _matmul(b_beta[t].mul_(beta), step[t])
+        # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1].
+        observation = _propagate(fwd.alphas[:-1], fwd.probs).mul_(b_beta).movedim(0, -2)
         prev, b_beta = fwd.alphas[:-1].movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
-        # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1]: one batched matmul.
-        observation = (prev.unsqueeze(-2) @ fwd.probs).squeeze(-2) * b_beta
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
         return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, observation, factors)
 

@@ -85,10 +85,7 @@ class UseContext:
         # Restore the size-1 dims (and those along which only the ids vary) to the ids' shape.
         shape = [full[_LETTERS.index(c)] if c in output else 1 for c in map(_LETTERS.__getitem__, range(n))]
         summed = summed.reshape(shape[n - self.ids.dim():]).expand(self.ids.shape).reshape(-1)
-        ids = self.ids.reshape(-1)
-        if bool((ids < 0).any()):  # constant elements (id -1) belong to no param slot
-            summed, ids = summed[ids >= 0], ids[ids >= 0]
-        return summed.new_zeros(self.numel).index_add_(0, ids, summed)
+        return self._place(summed, self.ids.reshape(-1))
 
 
     def pool_at(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -103,12 +100,31 @@ class UseContext:
         pooled = [i for i in range(n) if shapes[0][i] > 1 and shapes[1][i] == 1 and shapes[2][i] == 1]
         if pooled:
             weight = weight.reshape(shapes[0]).sum(pooled, keepdim=True)
+            shapes[0] = tuple(1 if i in pooled else s for i, s in enumerate(shapes[0]))
+        full = torch.broadcast_shapes(*shapes)
+        data = [i for i in range(n) if shapes[2][i] == 1 and full[i] > 1]  # where slots are fixed
+        rest = [i for i in range(n) if i not in data]
+        if data and all(shapes[1][i] == 1 for i in rest):
+            # The value varies only where the slots do not (the data): add the weight into its
+            # category by the value first, rows of the slot dims at once, then place the
+            # K x (slot dims) counts into the slots.
+            w = weight.reshape(shapes[0]).expand(full).permute(data + rest)
+            w = w.reshape(-1, math.prod(full[i] for i in rest))
+            v = value.reshape(shapes[1]).expand([full[i] if i in data else 1 for i in range(n)])
+            counts = w.new_zeros(K, w.shape[1]).index_add_(0, v.permute(data + rest).reshape(-1), w).T
+            slots = self.ids.reshape(shapes[2] + (K,)).expand([1 if i in data else full[i] for i in range(n)] + [K])
+            slots = slots.permute(data + rest + [n]).reshape(-1)
+            return self._place(counts.reshape(-1), slots)
         batch = torch.broadcast_shapes(self.ids.shape[:-1], value.shape)
         slots = self.ids.expand(batch + (K,)).gather(-1, value.expand(batch).unsqueeze(-1)).squeeze(-1)
         slots, weight = torch.broadcast_tensors(slots, weight)
-        slots, weight = slots.reshape(-1), weight.reshape(-1)
-        keep = slots >= 0  # constant elements (id -1) belong to no param slot
-        return weight.new_zeros(self.numel).index_add_(0, slots[keep], weight[keep])
+        return self._place(weight.reshape(-1), slots.reshape(-1))
+
+    def _place(self, summed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Add ``summed`` into the param's flat slots; constant elements (id -1) belong to none."""
+        if bool((self.ids < 0).any()):
+            summed, slots = summed[slots >= 0], slots[slots >= 0]
+        return summed.new_zeros(self.numel).index_add_(0, slots, summed)
 
 
 _LETTERS = string.ascii_letters

@@ -125,15 +125,18 @@ def make_case(family, g):
     return init, seqs, reference, emission, params
 
 
-@pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized", "sequential-scan", "vectorized-scan"])
+@pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized", "sequential-parallel",
+                                  "vectorized-parallel", "sequential-blocked", "vectorized-blocked"])
 @pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
 def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, monkeypatch):
     """"sequential" runs fused into one DiscreteHMM; "sequential-traced" the general path;
-    "-scan" forms use the log-depth parallel forward-backward."""
-    if form == "sequential-traced":
+    "-parallel" and "-blocked" forms force that forward-backward algorithm (the others take
+    the scaled sequential recursions at these lengths)."""
+    traced = form == "sequential-traced"
+    if traced:
         monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *args: None)
-    monkeypatch.setattr("pyro_em.hmm.PARALLEL", form.endswith("-scan"))
-    form = form.replace("-scan", "")
+    form, _, algorithm = form.partition("-")
+    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm if algorithm in ("parallel", "blocked") else None)
     g = torch.Generator().manual_seed(0)
     init, seqs, reference, emission, emission_params = make_case(family, g)
     reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
@@ -147,7 +150,7 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, mo
     probs = (lambda p: p.softmax(-1)) if form == "vectorized" else (lambda p: p)
     for _ in range(ITERS):
         em.step(X, lengths)
-        assert (em.fused_chain is not None) == (form == "sequential")
+        assert (em.fused_chain is not None) == (form == "sequential" and not traced)
         fit_one_iteration(reference, X_np, LENGTHS)
         checks = {"start": (probs(pyro.param("start")), reference.startprob_),
                   "trans": (probs(pyro.param("trans")), reference.transmat_), **emission_params()}
@@ -237,24 +240,35 @@ def test_chains_that_cannot_be_fused_take_the_general_path(variant):
     assert losses[2] <= losses[1] <= losses[0]
 
 
+@pytest.mark.parametrize("homogeneous", [False, True])
+@pytest.mark.parametrize("algorithm", ["parallel", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_parallel_forward_backward_equals_the_sequential_one(dtype):
-    """Log-depth (a tree of log-space matrix products, posteriors by its gradient) against
-    the scaled sequential recursions: time-varying transitions with structural zeros
-    (left-right), masked steps, an initial distribution shared by all sequences, an odd T."""
+def test_fast_forward_backward_equals_the_sequential_one(dtype, algorithm, homogeneous, monkeypatch):
+    """Log-depth (a tree of log-space matrix products, posteriors by its gradient) and blocked
+    (blocks of L steps, all at once) against the scaled sequential recursions: transitions with
+    structural zeros (left-right), time-varying or one matrix, masked steps, steps no state can
+    emit from, an initial distribution shared by all sequences, a T that leaves the last block
+    short; log Z also against Pyro's own DiscreteHMM.log_prob."""
     g = torch.Generator().manual_seed(0)
     S, T, K, M = 4, 37, 5, 6
-    trans = random_simplex(g, T, K, K).triu().log()  # left-right: zeros below the diagonal
+    trans = random_simplex(g, 1 if homogeneous else T, K, K).triu().log()  # left-right
     trans = trans - trans.logsumexp(-1, keepdim=True)
     emit = random_simplex(g, K, M)
+    emit[:, 0] = 0  # symbol 0 is emitted by no state: its steps have a zero likelihood
+    emit[-1, 0] = 1e-30
     X = torch.randint(M, (S, T), generator=g)
     mask = torch.rand(S, T, 1, generator=g) > 0.2
     fn = dist.DiscreteHMM(random_simplex(g, K).log().to(dtype), trans.to(dtype),
                           dist.Categorical(emit.to(dtype)).expand((S, T, K)).mask(mask))
     from pyro_em.hmm import hmm_factors
 
+    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", "sequential")
     expected = forward_backward(fn, X)
-    got = parallel_forward_backward(*hmm_factors(fn, X))
+    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+    got = forward_backward(fn, X)
+    if algorithm == "parallel":
+        assert_same = parallel_forward_backward(*hmm_factors(fn, X))
+        torch.testing.assert_close(assert_same.log_z, got.log_z)
     tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got.log_z, expected.log_z, **tol)
     torch.testing.assert_close(got.log_z, fn.log_prob(X), **tol)
