@@ -21,7 +21,7 @@ matrix products, every posterior as its gradient, in ``2 log2 T`` steps.
 import functools
 import math
 import operator
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from pyro.distributions import DiscreteHMM
@@ -52,6 +52,8 @@ class HMMPosterior(NamedTuple):
 
     def scaled(self, weight: torch.Tensor) -> "HMMPosterior":
         """The posteriors times a per-sequence ``weight`` (a site's scale and mask)."""
+        if bool((weight == 1).all()):
+            return self
         first, *rest = self.transition_factors
         return HMMPosterior(
             self.log_z, self.initial * weight[..., None], self.observation * weight[..., None, None],
@@ -78,7 +80,8 @@ class _Blocked(NamedTuple):
 
     blocks: "_Blocks"
     transitions: torch.Tensor  # (K, K), or (L, C, K, K) one per step
-    products: torch.Tensor  # (C, S, K, K): each block's product of A_t diag(b_t), rescaled
+    products: torch.Tensor  # (C, K, S, K): each block's product of A_t diag(b_t), rescaled,
+    # entry (i, j) of sequence s at [c, j, s, i]
     starts: torch.Tensor  # (C, S, K): the filtered state at each block's start (alphas[c L])
     b: torch.Tensor  # (L, C, S, K): b, padded with ones
     scales: torch.Tensor  # (L, C, S): scales, padded
@@ -88,7 +91,7 @@ class _Forward(NamedTuple):
     alphas: torch.Tensor  # (T + 1, ..., K): filtered state probabilities, alphas[0] = initial
     scales: torch.Tensor  # (T, ...): per-step normalizers of the shifted likelihoods
     log_z: torch.Tensor  # (...)
-    b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step
+    b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step (a view)
     probs: torch.Tensor  # (..., T or 1, K, K): transition probabilities
     blocked: Optional[_Blocked] = None  # set by the blocked algorithm
 
@@ -128,16 +131,23 @@ class _Blocks(NamedTuple):
         L = max(1, round(math.sqrt(2 * T / 3)))
         return _Blocks(L, -(-T // L))
 
-    def split(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """``(T, ...)`` to ``(L, C, ...)``, the missing steps filled with ``pad``."""
-        missing = self.L * self.C - x.shape[0]
-        if missing:
-            x = torch.cat([x, pad.expand((missing,) + x.shape[1:])])
-        return x.view((self.C, self.L) + x.shape[1:]).transpose(0, 1).contiguous()
+    def split(self, x: torch.Tensor, pad: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``(T, ...)`` (any strides) to a new ``(L, C, ...)``, the missing steps set to ``pad``."""
+        out = x.new_empty((self.L, self.C) + x.shape[1:])
+        whole, rest = divmod(x.shape[0], self.L)
+        out.transpose(0, 1)[:whole].copy_(x[: whole * self.L].unflatten(0, (whole, self.L)))
+        if rest:
+            out[:rest, whole] = x[whole * self.L :]
+            out[rest:, whole] = pad
+        return out
 
-    def join(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        """``(L, C, ...)`` back to ``(T, ...)``."""
-        return x.transpose(0, 1).reshape((-1,) + x.shape[2:])[:T]
+    def join(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``(L, C, ...)`` back into ``out``, ``(T, ...)``."""
+        whole, rest = divmod(out.shape[0], self.L)
+        out[: whole * self.L].unflatten(0, (whole, self.L)).copy_(x[:, :whole].transpose(0, 1))
+        if rest:
+            out[whole * self.L :] = x[:rest, whole]
+        return out
 
 
 def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, batch: torch.Size) -> _Forward:
@@ -155,32 +165,36 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, b: torch.Tensor
     S = batch.numel()
     blocks = _Blocks.of(T)
     C = blocks.C
-    b = blocks.split(b.expand((T,) + batch + (K,)).reshape(T, S, K), b.new_ones(()))
+    blocked_b = blocks.split(b.expand((T,) + batch + (K,)).reshape(T, S, K), 1.0)
     steps = probs.reshape(probs.shape[-3:])  # (T or 1, K, K): _algorithm checked no batch dims
-    A = steps[0] if steps.shape[0] == 1 else blocks.split(steps, torch.eye(K, dtype=b.dtype, device=b.device))
-    P = (A[0] if A.dim() == 4 else A).unsqueeze(-3) * b[0].unsqueeze(-2)  # (C, S, K, K)
+    eye = torch.eye(K, dtype=b.dtype, device=b.device)
+    A = steps[0] if steps.shape[0] == 1 else blocks.split(steps, eye)  # padded steps change nothing
+    # P[c, j, s, i] is entry (i, j) of block c's product for sequence s: a step left-multiplies
+    # it by A_t^T, one matrix product over long rows, then scales row j by b_t[j].
+    b_rows = blocked_b.permute(0, 1, 3, 2)  # (L, C, K, S)
+    P = (A[0] if A.dim() == 4 else A).mT.unsqueeze(-2) * b_rows[0].unsqueeze(-1)  # (C, K, S, K)
     for l in range(1, blocks.L):
-        norm = P.sum((-2, -1)).unsqueeze(-1)  # rescale by the previous step's size
-        P = _block_matmul(P, A, l).mul_((b[l] / norm).unsqueeze(-2))
+        norm = P.sum(3).sum(1, keepdim=True)  # (C, 1, S): rescale by the previous step's size
+        step = A[l].mT if A.dim() == 4 else A.mT
+        P = (step @ P.view(C, K, S * K)).view(C, K, S, K).mul_((b_rows[l] / norm).unsqueeze(-1))
     starts = b.new_empty(C, S, K)
     starts[0] = initial.expand(batch + (K,)).reshape(S, K)
     for c in range(C - 1):
-        v = (starts[c].unsqueeze(-2) @ P[c]).squeeze(-2)
+        v = (P[c] * starts[c]).sum(-1).T
         torch.div(v, v.sum(-1, keepdim=True), out=starts[c + 1])
-    alphas, scales = torch.empty_like(b), b.new_empty(b.shape[:-1])
+    alphas, scales = torch.empty_like(blocked_b), b.new_empty(blocked_b.shape[:-1])
     alpha = starts
     for l in range(blocks.L):
-        a = _block_matmul(alpha, A, l).mul_(b[l])
+        a = _block_matmul(alpha, A, l).mul_(blocked_b[l])
         torch.sum(a, -1, out=scales[l])
         alpha = torch.div(a, scales[l].unsqueeze(-1), out=alphas[l])
     all_alphas = b.new_empty((T + 1, S, K))
     all_alphas[0] = starts[0]
-    all_alphas[1:] = blocks.join(alphas, T)
-    flat_scales = blocks.join(scales, T)
+    blocks.join(alphas, all_alphas[1:])
+    flat_scales = blocks.join(scales, b.new_empty(T, S))
     log_z = flat_scales.log().sum(0).view(batch) + shift.sum(-1)
-    blocked = _Blocked(blocks, A, P, starts, b, scales)
-    b_out = blocks.join(b, T).view((T,) + batch + (K,))
-    return _Forward(all_alphas.view((T + 1,) + batch + (K,)), flat_scales.view((T,) + batch), log_z, b_out, probs, blocked)
+    blocked = _Blocked(blocks, A, P, starts, blocked_b, scales)
+    return _Forward(all_alphas.view((T + 1,) + batch + (K,)), flat_scales.view((T,) + batch), log_z, b, probs, blocked)
 
 
 def _block_matmul(x: torch.Tensor, A: torch.Tensor, l: int, transpose: bool = False) -> torch.Tensor:
@@ -202,14 +216,14 @@ def _backward_blocked(fwd: _Forward) -> Tuple[torch.Tensor, torch.Tensor]:
     ends = torch.empty_like(starts)  # beta at each block's last step
     ends[-1] = 1
     for c in range(blocks.C - 1, 0, -1):
-        w = (P[c] @ ends[c].unsqueeze(-1)).squeeze(-1)
+        w = (P[c] * ends[c].T.unsqueeze(-1)).sum(0)
         torch.div(w, (starts[c] * w).sum(-1, keepdim=True), out=ends[c - 1])
     b_beta = b.div_(scales.unsqueeze(-1))  # the padded b is not needed again
     beta = ends
     for l in range(blocks.L - 1, -1, -1):
         beta = _block_matmul(b_beta[l].mul_(beta), A, l, transpose=True)
-    T = fwd.scales.shape[0]
-    return beta[0].view(fwd.alphas.shape[1:]), blocks.join(b_beta, T).view(fwd.b.shape)
+    out = b_beta.new_empty(fwd.alphas.shape[:1].numel() - 1, *b_beta.shape[2:])
+    return beta[0].view(fwd.alphas.shape[1:]), blocks.join(b_beta, out).view(fwd.alphas[1:].shape)
 
 
 def _steps(probs: torch.Tensor, T: int) -> list:
