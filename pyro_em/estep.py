@@ -27,6 +27,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import kernels
+from .tracking import broadcast_shapes
 from ._validation import check_enumerated_trace, explain_bad_log_z, explain_log_prob_error, model_errors
 
 
@@ -100,7 +101,7 @@ def pack_shapes(trace: Trace, subsample: bool = False) -> Trace:
     for site in trace.nodes.values():
         if site["type"] == "sample":
             fn, value = site["fn"], site["value"]
-            shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
+            shape = broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
             zeros = torch.zeros((), dtype=torch.get_default_dtype(), device=value.device)
             site["unscaled_log_prob"] = site["log_prob"] = zeros.expand(shape)
     trace.pack_tensors()
@@ -304,7 +305,7 @@ def expected_log_joint(estep: EStep, trace: Trace) -> torch.Tensor:
         w = estep.weights[name]
         try:
             term = align(term, w._pyro_dims)
-            torch.broadcast_shapes(term.shape, w.shape)
+            broadcast_shapes(term.shape, w.shape)
         except (ValueError, RuntimeError):
             raise RuntimeError(
                 f"Site '{name}' changed shape between the E-step (dims {w._pyro_dims!r}, shape "

@@ -27,7 +27,7 @@ import torch
 from pyro.distributions import DiscreteHMM
 from pyro.distributions.hmm import _sequential_logmatmulexp
 
-from .tracking import compact
+from .tracking import broadcast_shapes, compact
 
 
 class HMMPosterior(NamedTuple):
@@ -69,9 +69,9 @@ def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, tor
     obs = log_prob(fn.observation_dist, value.unsqueeze(-1 - fn.observation_dist.event_dim))
     trans = fn.transition_logits
     K = trans.shape[-1]  # the observation may broadcast over the states
-    time_shape = torch.broadcast_shapes(trans.shape[:-2], obs.shape[:-1])
+    time_shape = broadcast_shapes(trans.shape[:-2], obs.shape[:-1])
     trans = trans.expand(time_shape + (K, K))
-    batch = torch.broadcast_shapes(fn.initial_logits.shape[:-1], time_shape[:-1])
+    batch = broadcast_shapes(fn.initial_logits.shape[:-1], time_shape[:-1])
     return fn.initial_logits.expand(batch + (K,)), trans, obs.expand(time_shape + (K,))
 
 
@@ -103,7 +103,7 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algo
     probs = compact(trans).exp()
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
     b = (obs - shift.unsqueeze(-1)).exp().movedim(-2, 0)
-    batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
+    batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
     if algorithm == "blocked":
         return _forward_blocked(initial.exp(), probs, b, shift, batch)
     alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
@@ -266,7 +266,7 @@ def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
     * ``"sequential"``: the scaled recursions, ``2 T`` sequential steps of ``batch K^2`` work;
     * ``"blocked"``: the same recursions in blocks of ``L ~ sqrt(2 T / 3)`` steps, about
       ``5 sqrt(T)`` sequential steps and ``batch K^3`` more work per time step: on a CPU
-      where a step's work is small against its fixed cost (``batch K^3 <= 2^17``);
+      where a step's work is small against its fixed cost (``batch K^3 <= 350,000``);
     * ``"parallel"``: :func:`parallel_forward_backward`, ``2 log2 T`` steps of ``K`` times
       the blocked one's work: on a GPU (a sequential step is a kernel launch), and on a CPU
       for a long sequence over very few states (``batch K^3 <= 64``, ``T >= 4096``).
@@ -277,7 +277,7 @@ def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
         return "parallel" if T > 1 else "sequential"
     if T >= 4096 and batch * K**3 <= 64:
         return "parallel"
-    return "blocked" if T >= 64 and batch * K**3 <= 2**17 else "sequential"
+    return "blocked" if T >= 64 and batch * K**3 <= 350_000 else "sequential"
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,7 @@ def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
 
 
 def _algorithm(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> str:
-    batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2]).numel()
+    batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2]).numel()
     algorithm = choose_algorithm(batch, obs.shape[-2], obs.shape[-1], obs.device)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"pyro_em.hmm.ALGORITHM must be None or one of {ALGORITHMS}, got {algorithm!r}.")
@@ -347,7 +347,7 @@ def parallel_forward_backward(initial: torch.Tensor, trans: torch.Tensor, obs: t
     ``d log Z / d factor`` is the posterior of that factor's states, so one backward pass
     through the tree gives the start state's, each transition's (pairwise) and each step's.
     """
-    batch = torch.broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
+    batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
     with torch.enable_grad():
         init = initial.detach().expand(batch + initial.shape[-1:]).requires_grad_()
         # One (K, K) factor per step: the transition into z[t] and the observation of z[t].

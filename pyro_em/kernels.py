@@ -22,7 +22,7 @@ import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 
 from .hmm import hmm_log_prob
-from .tracking import compact
+from .tracking import broadcast_shapes, compact
 
 _KERNELS: Dict[type, Callable] = {}
 _MIN_ELEMENTS = 1 << 14  # below this, the generic log_prob is as fast
@@ -83,7 +83,7 @@ def _per_component(fn: td.Distribution, value: torch.Tensor, params, events, max
     :returns: ``(rows, batch, comp_last)`` (see :func:`_layout`), or ``None`` where a
         per-component kernel does not apply (or is no faster: small data, many components).
     """
-    batch = torch.broadcast_shapes(fn.batch_shape, value.shape[:-1])
+    batch = broadcast_shapes(fn.batch_shape, value.shape[:-1])
     layout = _layout(batch, [p.shape[: p.dim() - len(e)] for p, e in zip(params, events)], value.shape[:-1])
     if value.numel() < _MIN_ELEMENTS or layout is None or (max_blocks and math.prod(layout[0]) > max_blocks):
         return None

@@ -20,7 +20,7 @@ import torch
 import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 
-from .tracking import compact
+from .tracking import broadcast_shapes, compact
 
 Stats = Dict[str, torch.Tensor]
 
@@ -70,7 +70,7 @@ class UseContext:
         floats = [f.dtype for f in factors if f.is_floating_point()]
         dtype = functools.reduce(torch.promote_types, floats) if floats else torch.get_default_dtype()
         factors = [f.to(dtype) for f in factors]
-        full = torch.broadcast_shapes(*(f.shape for f in factors), self.ids.shape)
+        full = broadcast_shapes(*(f.shape for f in factors), self.ids.shape)
         n = len(full)
 
         def letters(shape):
@@ -87,7 +87,6 @@ class UseContext:
         summed = summed.reshape(shape[n - self.ids.dim():]).expand(self.ids.shape).reshape(-1)
         return self._place(summed, self.ids.reshape(-1))
 
-
     def pool_at(self, weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Expected counts: add ``weight`` into the slot of category ``value`` along the
         argument's last dim (its categories), with no one-hot tensor (K may be large)."""
@@ -101,21 +100,22 @@ class UseContext:
         if pooled:
             weight = weight.reshape(shapes[0]).sum(pooled, keepdim=True)
             shapes[0] = tuple(1 if i in pooled else s for i, s in enumerate(shapes[0]))
-        full = torch.broadcast_shapes(*shapes)
+        full = broadcast_shapes(*shapes)
         data = [i for i in range(n) if shapes[2][i] == 1 and full[i] > 1]  # where slots are fixed
         rest = [i for i in range(n) if i not in data]
         if data and all(shapes[1][i] == 1 for i in rest):
             # The value varies only where the slots do not (the data): add the weight into its
             # category by the value first, rows of the slot dims at once, then place the
             # K x (slot dims) counts into the slots.
-            w = weight.reshape(shapes[0]).expand(full).permute(data + rest)
-            w = w.reshape(-1, math.prod(full[i] for i in rest))
+            w = weight.reshape(shapes[0]).expand(full)
+            data.sort(key=lambda i: -w.stride(i))  # in the weight's memory order: a view if it can
+            w = w.permute(data + rest).reshape(-1, math.prod(full[i] for i in rest))
             v = value.reshape(shapes[1]).expand([full[i] if i in data else 1 for i in range(n)])
             counts = w.new_zeros(K, w.shape[1]).index_add_(0, v.permute(data + rest).reshape(-1), w).T
             slots = self.ids.reshape(shapes[2] + (K,)).expand([1 if i in data else full[i] for i in range(n)] + [K])
             slots = slots.permute(data + rest + [n]).reshape(-1)
             return self._place(counts.reshape(-1), slots)
-        batch = torch.broadcast_shapes(self.ids.shape[:-1], value.shape)
+        batch = broadcast_shapes(self.ids.shape[:-1], value.shape)
         slots = self.ids.expand(batch + (K,)).gather(-1, value.expand(batch).unsqueeze(-1)).squeeze(-1)
         slots, weight = torch.broadcast_tensors(slots, weight)
         return self._place(weight.reshape(-1), slots.reshape(-1))
@@ -553,7 +553,7 @@ class NormalScaleRule(Rule):
 
 def _varies_within(t: torch.Tensor, ids: torch.Tensor, event_dims: int) -> bool:
     """Whether ``t`` changes along a batch dim over which ``ids`` (one param slot) is pooled."""
-    batch = torch.broadcast_shapes(t.shape[: t.dim() - event_dims], ids.shape[: ids.dim() - 1])
+    batch = broadcast_shapes(t.shape[: t.dim() - event_dims], ids.shape[: ids.dim() - 1])
     t = t.expand(batch + t.shape[t.dim() - event_dims :])
     ids_batch = ids.shape[: ids.dim() - 1]
     offset = len(batch) - len(ids_batch)
@@ -601,7 +601,7 @@ class _CovarianceRule(Rule):
     def summarize(self, ctx):
         D = ctx.ids.shape[-1]
         loc, value, weight = ctx.current("loc"), ctx.value, ctx.weight
-        batch = torch.broadcast_shapes(weight.shape, loc.shape[:-1], value.shape[:-1], ctx.ids.shape[:-2])
+        batch = broadcast_shapes(weight.shape, loc.shape[:-1], value.shape[:-1], ctx.ids.shape[:-2])
         slot = ctx.ids[..., 0, 0] // (D * D)
         slot = slot.reshape((1,) * (len(batch) - slot.dim()) + slot.shape)
         groups = [i for i, n in enumerate(slot.shape) if n > 1]
