@@ -275,3 +275,26 @@ def test_fast_forward_backward_equals_the_sequential_one(dtype, algorithm, homog
     for name in ("initial", "observation", "transition"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name).expand_as(getattr(got, name)), **tol)
     assert bool((got.transition[..., 1:, :, :].tril(-1) == 0).all())  # structural zeros stay zero
+
+
+@pytest.mark.parametrize("algorithm", ["sequential", "blocked"])
+def test_likelihoods_that_underflow_in_float32(algorithm, monkeypatch):
+    """Well-separated Gaussian states: most likelihood ratios underflow float32 (below e^-87,
+    which the forward pass flushes to zero, sparing the CPU's slow path for such exps).
+    log Z still equals Pyro's log-space DiscreteHMM.log_prob and the posteriors the float64
+    ones."""
+    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+    g = torch.Generator().manual_seed(0)
+    S, T, K = 3, 90, 3
+    states = torch.randint(K, (S, T), generator=g)
+    X = 30.0 * states.double() + torch.randn(S, T, generator=g, dtype=torch.float64)
+    posteriors = {}
+    for dtype in (torch.float32, torch.float64):
+        g.manual_seed(1)  # the same tables in both precisions
+        fn = dist.DiscreteHMM(random_simplex(g, K).log().to(dtype), random_simplex(g, K, K).log().to(dtype),
+                              dist.Normal(torch.tensor([0.0, 30.0, 60.0], dtype=dtype), 1.0))
+        post = forward_backward(fn, X.to(dtype))
+        tol = dict(rtol=1e-5, atol=0) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+        torch.testing.assert_close(post.log_z, fn.log_prob(X.to(dtype)), **tol)
+        posteriors[dtype] = post.observation
+    torch.testing.assert_close(posteriors[torch.float32].double(), posteriors[torch.float64], rtol=0, atol=1e-5)
