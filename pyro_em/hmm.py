@@ -83,8 +83,8 @@ class _Blocked(NamedTuple):
     products: torch.Tensor  # (C, K, S, K): each block's product of A_t diag(b_t), rescaled,
     # entry (i, j) of sequence s at [c, j, s, i]
     starts: torch.Tensor  # (C, S, K): the filtered state at each block's start (alphas[c L])
-    b: torch.Tensor  # (L, C, S, K): b, padded with ones
-    scales: torch.Tensor  # (L, C, S): scales, padded
+    b: torch.Tensor  # (C L, S, K): b, padded with ones
+    scales: torch.Tensor  # (C L, S): scales, padded
 
 
 class _Forward(NamedTuple):
@@ -102,10 +102,10 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algo
     # one per step for a time-varying one, a batch of them only if they vary by sequence.
     probs = compact(trans).exp()
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
-    b = _exp_flushed(obs - shift.unsqueeze(-1)).movedim(-2, 0)
     batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
     if algorithm == "blocked":
-        return _forward_blocked(initial.exp(), probs, b, shift, batch)
+        return _forward_blocked(initial.exp(), probs, obs, shift, batch)
+    b = _exp_flushed(obs - shift.unsqueeze(-1)).movedim(-2, 0)
     alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
     alphas[0] = initial.exp()
     scales = obs.new_empty((T,) + batch)
@@ -129,8 +129,7 @@ def _exp_flushed(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Blocks(NamedTuple):
-    """Time ``0 .. T-1`` cut into ``C`` blocks of ``L`` steps, the last padded, laid out
-    ``(L, C, ...)`` so that step ``l`` of every block is one contiguous slice."""
+    """Time ``0 .. T-1`` cut into ``C`` blocks of ``L`` steps, the last padded."""
 
     L: int
     C: int
@@ -141,26 +140,12 @@ class _Blocks(NamedTuple):
         L = max(1, round(math.sqrt(2 * T / 3)))
         return _Blocks(L, -(-T // L))
 
-    def split(self, x: torch.Tensor, pad: Union[float, torch.Tensor]) -> torch.Tensor:
-        """``(T, ...)`` (any strides) to a new ``(L, C, ...)``, the missing steps set to ``pad``."""
-        out = x.new_empty((self.L, self.C) + x.shape[1:])
-        whole, rest = divmod(x.shape[0], self.L)
-        out.transpose(0, 1)[:whole].copy_(x[: whole * self.L].unflatten(0, (whole, self.L)))
-        if rest:
-            out[:rest, whole] = x[whole * self.L :]
-            out[rest:, whole] = pad
-        return out
-
-    def join(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``(L, C, ...)`` back into ``out``, ``(T, ...)``."""
-        whole, rest = divmod(out.shape[0], self.L)
-        out[: whole * self.L].unflatten(0, (whole, self.L)).copy_(x[:, :whole].transpose(0, 1))
-        if rest:
-            out[whole * self.L :] = x[:rest, whole]
-        return out
+    def step(self, x: torch.Tensor, l: int) -> torch.Tensor:
+        """Step ``l`` of every block of a time-major ``(C L, ...)`` tensor: a ``(C, ...)`` view."""
+        return x.unflatten(0, (self.C, self.L))[:, l]
 
 
-def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, b: torch.Tensor, shift: torch.Tensor, batch: torch.Size) -> _Forward:
+def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, obs: torch.Tensor, shift: torch.Tensor, batch: torch.Size) -> _Forward:
     """The scaled forward recursion in ``3 L + 2 C`` sequential steps instead of ``T``.
 
     With ``M_t = A_t diag(b_t)`` the unnormalized filter is ``alpha_T = pi M_0 ... M_{T-1}``.
@@ -169,42 +154,51 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, b: torch.Tensor
     ``C`` steps, ``v_{c+1} = v_c P_c`` normalized; (3) the recursion itself runs in ``L``
     steps, all blocks at once, each from its own start: the same alphas and scales as the
     sequential loop, to round-off. Each product is rescaled by a positive number at every
-    step, so nothing underflows; only its direction matters.
+    step, so nothing underflows; only its direction matters. Every T-long tensor is
+    time-major and padded to ``C L`` steps, written and read through per-step views.
     """
-    T, K = b.shape[0], b.shape[-1]
+    T, K = obs.shape[-2:]
     S = batch.numel()
     blocks = _Blocks.of(T)
-    C = blocks.C
-    blocked_b = blocks.split(b.expand((T,) + batch + (K,)).reshape(T, S, K), 1.0)
+    C, L = blocks.C, blocks.L
+    b = obs.new_ones((C * L, S, K))  # padded steps: b = 1
+    flat_obs = obs.expand(batch + (T, K)).reshape(S, T, K)
+    flat_shift = shift.expand(batch + (T,)).reshape(S, T, 1)
+    torch.sub(flat_obs, flat_shift, out=b[:T].transpose(0, 1))
+    _exp_flushed(b[:T])
     steps = probs.reshape(probs.shape[-3:])  # (T or 1, K, K): _algorithm checked no batch dims
-    eye = torch.eye(K, dtype=b.dtype, device=b.device)
-    A = steps[0] if steps.shape[0] == 1 else blocks.split(steps, eye)  # padded steps change nothing
+    # Padded steps change nothing: their b is one, their transition the identity, or the one
+    # shared matrix (its rows sum to one, so the padded scales are one and the betas stay one).
+    if steps.shape[0] == 1:
+        A = steps[0]
+    else:
+        A = torch.eye(K, dtype=obs.dtype, device=obs.device).repeat(C * L, 1, 1)
+        A[:T] = steps
+        A = A.unflatten(0, (C, L)).transpose(0, 1).contiguous()  # (L, C, K, K)
     # P[c, j, s, i] is entry (i, j) of block c's product for sequence s: a step left-multiplies
     # it by A_t^T, one matrix product over long rows, then scales row j by b_t[j].
-    b_rows = blocked_b.permute(0, 1, 3, 2)  # (L, C, K, S)
-    P = (A[0] if A.dim() == 4 else A).mT.unsqueeze(-2) * b_rows[0].unsqueeze(-1)  # (C, K, S, K)
-    for l in range(1, blocks.L):
+    P = (A[0] if A.dim() == 4 else A).mT.unsqueeze(-2) * blocks.step(b, 0).transpose(1, 2).unsqueeze(-1)
+    for l in range(1, L):
         norm = P.sum(3).sum(1, keepdim=True)  # (C, 1, S): rescale by the previous step's size
         step = A[l].mT if A.dim() == 4 else A.mT
-        P = (step @ P.view(C, K, S * K)).view(C, K, S, K).mul_((b_rows[l] / norm).unsqueeze(-1))
-    starts = b.new_empty(C, S, K)
+        b_rows = blocks.step(b, l).transpose(1, 2) / norm  # (C, K, S)
+        P = (step @ P.view(C, K, S * K)).view(C, K, S, K).mul_(b_rows.unsqueeze(-1))
+    starts = obs.new_empty(C, S, K)
     starts[0] = initial.expand(batch + (K,)).reshape(S, K)
     for c in range(C - 1):
         v = (P[c] * starts[c]).sum(-1).T
         torch.div(v, v.sum(-1, keepdim=True), out=starts[c + 1])
-    alphas, scales = torch.empty_like(blocked_b), b.new_empty(blocked_b.shape[:-1])
+    alphas, scales = obs.new_empty((C * L + 1, S, K)), obs.new_empty((C * L, S))
+    alphas[0] = starts[0]
     alpha = starts
-    for l in range(blocks.L):
-        a = _block_matmul(alpha, A, l).mul_(blocked_b[l])
-        torch.sum(a, -1, out=scales[l])
-        alpha = torch.div(a, scales[l].unsqueeze(-1), out=alphas[l])
-    all_alphas = b.new_empty((T + 1, S, K))
-    all_alphas[0] = starts[0]
-    blocks.join(alphas, all_alphas[1:])
-    flat_scales = blocks.join(scales, b.new_empty(T, S))
-    log_z = flat_scales.log().sum(0).view(batch) + shift.sum(-1)
-    blocked = _Blocked(blocks, A, P, starts, blocked_b, scales)
-    return _Forward(all_alphas.view((T + 1,) + batch + (K,)), flat_scales.view((T,) + batch), log_z, b, probs, blocked)
+    for l in range(L):
+        a = _block_matmul(alpha, A, l).mul_(blocks.step(b, l))
+        scale = torch.sum(a, -1, out=blocks.step(scales, l))
+        alpha = torch.div(a, scale.unsqueeze(-1), out=blocks.step(alphas[1:], l))
+    log_z = scales[:T].log().sum(0).view(batch) + shift.sum(-1)
+    blocked = _Blocked(blocks, A, P, starts, b, scales)
+    view = lambda x, n: x[:n].view((n,) + batch + x.shape[2:])  # noqa: E731
+    return _Forward(view(alphas, T + 1), view(scales, T), log_z, view(b, T), probs, blocked)
 
 
 def _block_matmul(x: torch.Tensor, A: torch.Tensor, l: int, transpose: bool = False) -> torch.Tensor:
@@ -228,12 +222,12 @@ def _backward_blocked(fwd: _Forward) -> Tuple[torch.Tensor, torch.Tensor]:
     for c in range(blocks.C - 1, 0, -1):
         w = (P[c] * ends[c].T.unsqueeze(-1)).sum(0)
         torch.div(w, (starts[c] * w).sum(-1, keepdim=True), out=ends[c - 1])
-    b_beta = b.div_(scales.unsqueeze(-1))  # the padded b is not needed again
+    b_beta = b.div_(scales.unsqueeze(-1))  # b is not needed again
     beta = ends
     for l in range(blocks.L - 1, -1, -1):
-        beta = _block_matmul(b_beta[l].mul_(beta), A, l, transpose=True)
-    out = b_beta.new_empty(fwd.alphas.shape[:1].numel() - 1, *b_beta.shape[2:])
-    return beta[0].view(fwd.alphas.shape[1:]), blocks.join(b_beta, out).view(fwd.alphas[1:].shape)
+        beta = _block_matmul(blocks.step(b_beta, l).mul_(beta), A, l, transpose=True)
+    T = fwd.scales.shape[0]
+    return beta[0].view(fwd.alphas.shape[1:]), b_beta[:T].view(fwd.alphas[1:].shape)
 
 
 def _steps(probs: torch.Tensor, T: int) -> list:
