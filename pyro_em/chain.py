@@ -10,12 +10,17 @@ emissions past each sequence's end), whose arguments are gathered from the curre
 the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
 pooled into the original params. Anything else takes the general path.
 
+The emission may sit in plates of its own on the rightmost dims (examples/hmm.py's tones),
+read as event dims of one emission. MAP sites (:mod:`pyro_em.map_sites`) with fixed priors, as
+in examples/hmm.py and the enumeration tutorial, are kept: their priors are evaluated at the
+current MAP values at each step, for the loss and for the conjugate rules' pseudo-counts.
+
 A mixture is the chain of length one: a plate with one Categorical latent ``z ~ weights`` and
 one emission that depends on ``z`` alone steps as a DiscreteHMM with ``T = 1``, without tracing
 the model either.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import pyro
@@ -25,12 +30,13 @@ import torch.distributions as td
 from pyro.poutine.trace_struct import Trace
 
 from ._validation import MAP_FLAG
-from .closed_form import MStepPlan, Use, distribution_args, unwrap
+from .closed_form import MStepPlan, Use, components, distribution_args, unwrap
 from .estep import enum_symbols, packed_scale
 from .rules import find_rule
 from .tracking import compact
 
 SITE = "_chain"
+_MAX_TABLE = 1 << 24  # K x K entries at most (K = 4096)
 
 
 @dataclass
@@ -43,8 +49,24 @@ class FusedChain:
     trans: Optional[Tuple[str, torch.Tensor, str]]  # (param, ids (K, K), "probs" or "logits"); None: a mixture
     emission_type: type
     emission_args: Dict[str, Tuple[Optional[str], torch.Tensor]]  # arg -> (param, ids) or (None, value)
-    emission_event_dims: int  # dims reinterpreted by .to_event
+    emission_event_dims: int  # dims reinterpreted by .to_event, and the emission's own plates
     plan: MStepPlan
+    priors: Dict[str, Tuple[td.Distribution, str, bool]] = field(default_factory=dict)  # MAP site -> (prior, param, unmasked)
+
+    def prior_parts(self, counted: bool = True) -> Tuple[Dict[str, Dict[str, tuple]], float]:
+        """Each MAP site's parts for the closed-form rules (its prior at the param's current
+        value, with unit weight as the traced E-step gives them) and the sum of their log
+        prior densities, which the loss includes; weight and sum zero unless ``counted`` (the
+        priors are counted in one batch only)."""
+        store = pyro.get_param_store()
+        parts, log_prior = {}, 0.0
+        for site, (prior, param, included) in self.priors.items():
+            value = store[param].detach()
+            log_prob = prior.log_prob(value)
+            log_prior = log_prior + log_prob.sum() if counted and included else log_prior
+            weight = torch.full_like(log_prob, float(counted and included))
+            parts[site] = {p[0]: p[1:] for p in components(prior, value, weight)}
+        return parts, log_prior
 
     def distribution(self) -> dist.DiscreteHMM:
         """The chain as one DiscreteHMM, at the current param values."""
@@ -103,12 +125,15 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         return None
     symbols = enum_symbols(scored)
     sites = [(n, s) for n, s in scored.nodes.items() if s["type"] == "sample"]
-    stacks = {tuple(f for f in s["cond_indep_stack"] if f.vectorized) for _, s in sites}
-    if len(stacks) != 1 or len(next(iter(stacks))) > 1:
+    priors = _priors(sites, plan)
+    if priors is None:
         return None
-    if any(f.full_size is not None and f.size != f.full_size for f in next(iter(stacks))):
+    frames = {n: tuple(f for f in s["cond_indep_stack"] if f.vectorized) for n, s in sites}
+    if any(f.full_size is not None and f.size != f.full_size for fs in frames.values() for f in fs):
         return None  # a subsample: each step draws its own data
-    if any(s["infer"].get(MAP_FLAG) or not _unit_scale(s) for _, s in sites):
+    prior_plates = {f.name for n in priors for f in frames[n]}
+    sites = [(n, s) for n, s in sites if n not in priors]
+    if any(not _unit_scale(s) for _, s in sites):
         return None
 
     states: List[str] = []
@@ -128,11 +153,28 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
     T = len(states)
     if T < 1 or len(emissions) != T:
         return None
+    # The states share one plate (the sequences) or none; the emissions may add plates of
+    # their own on the rightmost dims (examples/hmm.py's tones), read as event dims.
+    outer = {frames[n] for n in states}
+    if len(outer) != 1 or len(next(iter(outer))) > 1:
+        return None
+    outer = next(iter(outer))
+    if any(f.name in prior_plates for f in outer):
+        return None  # MAP values local to the sequences
+    inner = {tuple(sorted(set(frames[n]) - set(outer), key=lambda f: f.dim)) for n in emissions}
+    if len(inner) != 1 or any(not set(outer) <= set(frames[n]) for n in emissions):
+        return None
+    inner = next(iter(inner))
+    if [f.dim for f in inner] != list(range(-len(inner), 0)) or any(f.dim != -len(inner) - 1 for f in outer):
+        return None
+    inner_shape = tuple(f.size for f in inner)
 
     state_fns = [unwrap(scored.nodes[n]["fn"], scored.nodes[n]["value"], None)[0] for n in states]
     if not all(isinstance(f, td.Categorical) for f in state_fns):
         return None
     K = state_fns[0]._num_events
+    if K * K > _MAX_TABLE:
+        return None  # a K x K transition table too large to hold: the traced path needs none
 
     def state_spec(t: int):
         tracked_args = plan.tracked_args.get((states[t], ""), {})
@@ -162,23 +204,19 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             fn = fn.base_dist
         if isinstance(fn, (dist.MaskedDistribution, td.OneHotCategorical)):
             return None
-        enum_dim = scored.nodes[states[t]]["infer"]["_enumerate_dim"]
+        # The emission's own plates count as event dims, to the left of the reinterpreted ones.
+        enum_dim = scored.nodes[states[t]]["infer"]["_enumerate_dim"] + len(inner)
         spec = {}
         tracked_args = plan.tracked_args.get((name, ""), {})
         for arg, tensor in distribution_args(fn, None).items():
             # The argument's own event dims and the dims .to_event reinterpreted follow the state.
-            arg_event = tensor.dim() - len(fn.batch_shape) + event
-            if arg in tracked_args:
-                pname, ids = tracked_args[arg]
-                ids = _canonical(ids, enum_dim, arg_event, K)
-                if ids is None or bool((ids < 0).any()):
-                    return None
-                spec[arg] = (pname, ids)
-            else:
-                const = _canonical(compact(tensor), enum_dim, arg_event, K)
-                if const is None:
-                    return None
-                spec[arg] = (None, const)
+            arg_event = tensor.dim() - len(fn.batch_shape) + event + len(inner)
+            pname, ids = tracked_args.get(arg, (None, compact(tensor)))
+            ids = _canonical(ids, enum_dim, arg_event, K)
+            if ids is None or (pname is not None and bool((ids < 0).any())):
+                return None
+            spec[arg] = (pname, ids.expand((K,) + inner_shape + ids.shape[1 + len(inner):]))
+        event += len(inner)
         if emission_args is None:
             emission_args, emission_type, event_dims = spec, type(fn), event
         elif (
@@ -190,13 +228,16 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             return None
         values.append(scored.nodes[name]["value"].detach())
 
-    plate_size = next(iter(stacks))[0].size if next(iter(stacks)) else None
+    plate_size = outer[0].size if outer else None
     values = torch.stack(values, 1) if plate_size is not None else torch.stack(values, 0).unsqueeze(0)
     if plate_size is not None and values.shape[0] != plate_size:
         return None
 
-    masks = [_step_mask(scored.nodes[n]["mask"]) for n in states]
-    if any(not _same_mask(_step_mask(scored.nodes[e]["mask"]), m) for e, m in zip(emissions, masks)):
+    dim = outer[0].dim if outer else None
+    masks = [_step_mask(scored.nodes[n]["mask"], dim) for n in states]
+    if any(m is False for m in masks) or any(
+        not _same_mask(_step_mask(scored.nodes[e]["mask"], dim), m) for e, m in zip(emissions, masks)
+    ):
         return None
     S = values.shape[0]
     active = None
@@ -225,10 +266,29 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             if pname == name:
                 like = generic[(arg, name)]
                 uses.append(Use(SITE, "observation", arg, ids, like.rule, like.joint))
+        uses += [u for u in plan.closed_form[name] if u.site in priors]  # as planned: traced
         if not uses:
             return None
         fused.closed_form[name] = uses
-    return FusedChain(values, active, start, trans, emission_type, emission_args, event_dims, fused)
+    return FusedChain(values, active, start, trans, emission_type, emission_args, event_dims, fused, priors)
+
+
+def _priors(sites: list, plan: MStepPlan) -> Optional[Dict[str, Tuple[td.Distribution, str, bool]]]:
+    """The MAP sites, ``{site: (prior, param, counted)}``, if each has a fixed prior (no param
+    in its arguments), unit scale, no mask but True or False (``counted``) and its value one
+    whole param; else None (no fused chain). Their plates, if any, are checked by the caller."""
+    priors = {}
+    for name, site in sites:
+        if not site["infer"].get(MAP_FLAG):
+            continue
+        tracked = plan.tracked_args.get((name, ""), {})
+        if not _unit_scale(site) or site["mask"] not in (None, True, False) or set(tracked) != {"value"}:
+            return None
+        param, ids = tracked["value"]
+        if not torch.equal(ids.reshape(-1), torch.arange(ids.numel(), device=ids.device)):
+            return None
+        priors[name] = (site["fn"], param, site["mask"] is not False)
+    return priors
 
 
 def _unit_scale(site) -> bool:
@@ -236,11 +296,24 @@ def _unit_scale(site) -> bool:
     return isinstance(scale, float) and scale == 1.0
 
 
-def _step_mask(mask):
-    return None if mask is None or mask is True else mask
+def _step_mask(mask, dim: Optional[int]):
+    """A site's mask as one flag per sequence (along the plate at ``dim``), None if it masks
+    nothing, False if it varies along another dim (no fused chain)."""
+    if mask is None or mask is True:
+        return None
+    if not isinstance(mask, torch.Tensor) or (dim is None and mask.numel() != 1):
+        return False
+    if dim is None:
+        return mask.reshape(())
+    mask = mask.reshape((1,) * max(0, -dim - mask.dim()) + mask.shape)
+    if any(n != 1 for i, n in enumerate(mask.shape) if i != mask.dim() + dim):
+        return False
+    return mask.reshape(mask.shape[mask.dim() + dim])
 
 
 def _same_mask(a, b) -> bool:
+    if a is False or b is False:
+        return False
     if a is None or b is None:
         return a is None and b is None
     return a.shape == b.shape and bool((a == b).all())

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
-from .chain import FusedChain
+from .chain import SITE, FusedChain
 from .closed_form import MStepPlan, components, estep_parts, solve, summarize, write
 from .estep import EStep, enum_symbols, expected_log_joint
 from .gradient import Objective
@@ -303,8 +303,9 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
     """A batch's weighted sites (``parts``), ``log Z`` and E-step, at the current params."""
     if pb.chain is not None:  # a fused chain: one forward-backward pass, no trace
         fn = pb.chain.distribution()
+        prior_parts, log_prior = pb.chain.prior_parts(counted=not drop_global)
         try:
-            log_z = hmm_log_prob(fn, pb.chain.values).sum()
+            log_z = hmm_log_prob(fn, pb.chain.values).sum() + log_prior
         except (ValueError, RuntimeError, IndexError):  # a value outside the support, say
             log_z = None
         if log_z is None or not torch.isfinite(log_z):
@@ -314,8 +315,8 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
                 "no state path explains the observations (or a parameter is degenerate)."
             )
         weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
-        parts = {p[0]: p[1:] for p in components(fn, pb.chain.values, weight)}
-        return (lambda site: parts), log_z, None
+        parts = {SITE: {p[0]: p[1:] for p in components(fn, pb.chain.values, weight)}, **prior_parts}
+        return parts.__getitem__, log_z, None
     estep = em._e_step_at(em.temperature, pb.args, pb.kwargs)
     shape = structure(estep.trace)
     if pb.structure is None:

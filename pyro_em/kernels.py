@@ -20,6 +20,7 @@ import torch
 import torch.distributions as td
 
 from pyro.distributions import DiscreteHMM
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 
 from .hmm import hmm_log_prob
 from .tracking import broadcast_shapes, compact
@@ -227,6 +228,23 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     return (result if comp_last else result.T).reshape(batch)
 
 
+def _expanded_log_prob(fn: ExpandedDistribution, value: torch.Tensor) -> torch.Tensor:
+    """The base's log density (by its kernel), broadcast as ``ExpandedDistribution`` does: never
+    the base evaluated on the expanded parameters."""
+    result = log_prob(fn.base_dist, value)
+    return result.expand(broadcast_shapes(fn.batch_shape, result.shape))
+
+
+def _masked_log_prob(fn: MaskedDistribution, value: torch.Tensor) -> torch.Tensor:
+    """The base's log density (by its kernel), zero where masked, as ``MaskedDistribution``."""
+    result = log_prob(fn.base_dist, value)
+    if fn._mask is False:
+        return torch.zeros_like(result)
+    return result if fn._mask is True else torch.where(fn._mask, result, result.new_zeros(()))
+
+
 _KERNELS[td.Categorical] = _categorical_log_prob
 _KERNELS[td.Bernoulli] = _bernoulli_log_prob
 _KERNELS[td.Independent] = _independent_log_prob
+_KERNELS[ExpandedDistribution] = _expanded_log_prob
+_KERNELS[MaskedDistribution] = _masked_log_prob

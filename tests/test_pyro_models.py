@@ -82,6 +82,29 @@ def test_pyro_model_runs_exactly(name, include_prior, map_space):
     assert loss == pytest.approx(traceenum_loss(model, args, kwargs, nest), rel=1e-9)
 
 
+@pytest.mark.parametrize("name,include_prior", [("hmm_1", True), ("hmm_1", False), ("enumeration_hmm", None)])
+def test_fused_chain_equals_the_traced_path(name, include_prior, monkeypatch):
+    """examples/hmm.py's model 1 (a tones plate under each step, Dirichlet and Beta MAP priors
+    switched by include_prior, sequences that end) and the enumeration tutorial's HMM (MAP
+    priors in a plate of their own, one unplated sequence) step as one fused DiscreteHMM,
+    without tracing the model; losses and iterates equal the general traced path's."""
+    model, args, nest = next(case[1:] for case in _cases() if case[0] == name)
+    kwargs = {} if include_prior is None else {"include_prior": include_prior}
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)  # the same MAP starting values (init_to_median samples)
+        em = EM(model, map_space="unconstrained", max_plate_nesting=nest)
+        losses = [em.step(*args, **kwargs) for _ in range(4)]
+        assert (em.fused_chain is not None) == fused
+        runs[fused] = losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, atol=1e-12, rtol=0, msg=k)
+
+
 def test_unbounded_map_objective_is_an_error_that_writes_nothing():
     seq, lengths, args = M.polyphonic()
     em = EM(M.hmm_1, max_plate_nesting=2)
