@@ -5,7 +5,8 @@ K=8 states, M=16 symbols, float64, the same data and starting point for everyone
   * sequential form (a pyro.markov loop), 20 sequences x 500 and x 1,000 steps.
 hmmlearn's time per iteration is the difference between fits with n_iter=1 and n_iter=1+m,
 for its default ``implementation="log"`` and for ``"scaling"``; pyro_em's is a steady-state
-``EM.step``; its first step (which traces the model and plans) is printed too.
+``EM.step``; its first step (which traces the model and plans) is printed too. Then Pyro's
+examples/hmm.py model 1 (Bernoulli tones, MAP priors), fused against the general traced path.
 
 With ``--scan``, times instead the three forward-backward algorithms of ``pyro_em.hmm`` (the
 scaled sequential recursions, the same in blocks, and the log-depth parallel one) over a grid
@@ -16,6 +17,7 @@ Needs hmmlearn (``pip install -e ".[test]"``).
 """
 
 import argparse
+import contextlib
 import time
 import warnings
 
@@ -103,6 +105,36 @@ def main(repeat):
         print(f"{'hmmlearn scaling, ' + f'{S} x {T}':42s} {t_scaling:8.4f}")
         print(f"{'pyro_em ' + form + ', ' + f'{S} x {T}':42s} {t_em:8.4f} {t_em / t_log:7.2f} {t_em / t_scaling:10.2f}"
               f"   first step {t_first:.3f} s")
+    pyro_example(repeat)
+
+
+def pyro_example(repeat):
+    """examples/hmm.py's model 1 as Pyro writes it (tests/pyro_models.py copies it): a tones
+    plate under each step, Dirichlet and Beta MAP priors. Steps fused into one DiscreteHMM
+    against the general traced path. No peer fits this model."""
+    import sys
+    from pathlib import Path
+    from unittest import mock
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import pyro_models as M
+
+    torch.set_default_dtype(torch.float64)
+    seqs, lengths, args = M.polyphonic(num_sequences=100, max_length=100, data_dim=88, hidden_dim=16)
+    times = {}
+    for fused in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        with contextlib.nullcontext() if fused else mock.patch("pyro_em.em.fuse_chain", lambda *a: None):
+            em = EM(M.hmm_1, map_space="unconstrained", max_plate_nesting=2)
+            start = time.perf_counter()
+            em.step(seqs, lengths, args)
+            first = time.perf_counter() - start
+            times[fused] = (best_time(lambda: em.step(seqs, lengths, args), repeat), first)
+    print("examples/hmm.py model 1, 100 x 100 x 88 tones, K=16, float64")
+    for fused, label in ((True, "fused"), (False, "traced")):
+        print(f"{'pyro_em ' + label:42s} {times[fused][0]:8.4f}   first step {times[fused][1]:.3f} s")
+    print(f"{'traced / fused':42s} {times[False][0] / times[True][0]:8.1f}")
 
 
 def scan(repeat):

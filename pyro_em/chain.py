@@ -5,9 +5,10 @@ observation at every EM step. When the trace has exactly that shape -- Categoric
 ``z[0] ~ start``, ``z[t] ~ trans[z[t-1]]``, one emission site per step that depends on
 ``z[t]`` alone, every param used directly (as the plan found), the same tables at every step,
 masks that only switch sequences off for good -- the chain is rebuilt once as the equivalent
-:class:`~pyro.distributions.DiscreteHMM` (identity first transition, identity and masked
-emissions past each sequence's end), whose arguments are gathered from the current params by
-the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
+:class:`~pyro.distributions.DiscreteHMM` (identity first transition, masked emissions past each
+sequence's end, where the chain runs on unseen and leaves the likelihood and the earlier
+posteriors as they are, and whose transitions the statistics leave out), whose arguments are
+gathered from the current params by the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
 pooled into the original params. Anything else takes the general path.
 
 The emission may sit in plates of its own on the rightmost dims (examples/hmm.py's tones),
@@ -92,9 +93,18 @@ class FusedChain:
         if self.emission_event_dims:
             emission = emission.to_event(self.emission_event_dims)
         if self.active is not None:
-            transitions = torch.where(self.active[..., None, None], transitions, identity)
             emission = emission.expand((S, T, K)).mask(self.active[..., None])
         return dist.DiscreteHMM(start, transitions, emission)
+
+    def parts(self, fn: dist.DiscreteHMM, weight: torch.Tensor) -> Dict[str, tuple]:
+        """The weighted parts of the chain (see :func:`~pyro_em.closed_form.components`), its
+        transitions past each sequence's end weighted zero."""
+        parts = {p[0]: p[1:] for p in components(fn, self.values, weight)}
+        if self.active is not None:
+            fn, value, post = parts[""]
+            first, *rest = post.transition_factors
+            parts[""] = (fn, value, post._replace(transition_factors=(first * self.active[..., None, None], *rest)))
+        return parts
 
 
 def _canonical(ids: torch.Tensor, enum_dim: Optional[int], event_dims: int, K: int) -> Optional[torch.Tensor]:
@@ -246,13 +256,10 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         if not bool(active[:, 0].all()) or bool((active[:, 1:] & ~active[:, :-1]).any()):
             return None  # only sequences that end, never gaps, are fused
 
-    # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after,
-    # identity (id -1) past each sequence's end.
+    # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after.
     trans_ids = torch.full((1, K, K), -1, dtype=start[1].dtype)
     if trans is not None:
         trans_ids = torch.cat([trans_ids, trans[1].expand(T - 1, K, K)])
-    if active is not None:
-        trans_ids = torch.where(active[..., None, None], trans_ids, -1)
     generic = {(u.arg, name): u for name, uses in plan.closed_form.items() for u in uses}
     fused = MStepPlan()
     fused.tracked_args[(SITE, "observation")] = {a: v for a, v in emission_args.items() if v[0] is not None}

@@ -23,7 +23,7 @@ import torch
 from . import distributed
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE, FusedChain
-from .closed_form import MStepPlan, components, estep_parts, solve, summarize, write
+from .closed_form import MStepPlan, estep_parts, solve, summarize, write
 from .estep import EStep, enum_symbols, expected_log_joint
 from .gradient import Objective
 from .hmm import hmm_log_prob
@@ -315,7 +315,7 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
                 "no state path explains the observations (or a parameter is degenerate)."
             )
         weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
-        parts = {SITE: {p[0]: p[1:] for p in components(fn, pb.chain.values, weight)}, **prior_parts}
+        parts = {SITE: pb.chain.parts(fn, weight), **prior_parts}
         return parts.__getitem__, log_z, None
     estep = em._e_step_at(em.temperature, pb.args, pb.kwargs)
     shape = structure(estep.trace)
