@@ -1,28 +1,32 @@
 """Fused Markov chains: a ``pyro.markov`` HMM fitted without tracing the model at every step.
 
 A model written with ``pyro.markov`` costs one Pyro sample statement per state and per
-observation at every EM step. When the trace has exactly that shape -- Categorical states
-``z[0] ~ start``, ``z[t] ~ trans[z[t-1]]``, one emission site per step that depends on
-``z[t]`` alone, every param used directly (as the plan found), the same tables at every step,
-masks that only switch sequences off for good -- the chain is rebuilt once as the equivalent
-:class:`~pyro.distributions.DiscreteHMM` (identity first transition, masked emissions past each
-sequence's end, where the chain runs on unseen and leaves the likelihood and the earlier
-posteriors as they are, and whose transitions the statistics leave out), whose arguments are
-gathered from the current params by the plan's ids. A step is then one forward-backward pass and the usual closed-form rules,
-pooled into the original params. Anything else takes the general path.
+observation at every EM step. When the trace has exactly that shape, the chain is rebuilt
+once as the equivalent :class:`~pyro.distributions.DiscreteHMM`, whose arguments are gathered
+from the current params by the plan's ids. A step is then one forward-backward pass and the
+usual closed-form rules, pooled into the original params. The shape:
 
-The emission may sit in plates of its own on the rightmost dims (examples/hmm.py's tones),
-read as event dims of one emission. MAP sites (:mod:`pyro_em.map_sites`) with fixed priors, as
-in examples/hmm.py and the enumeration tutorial, are kept: their priors are evaluated at the
-current MAP values at each step, for the loss and for the conjugate rules' pseudo-counts.
+* Categorical states, ``z[0] ~ start`` and ``z[t] ~ trans[z[t-1]]``, the same tables at every
+  step; the DiscreteHMM's first transition is the identity;
+* emission sites at each step that depend on ``z[t]`` alone, the same at every step; several
+  become one :class:`~pyro_em.hmm.JointEmission`; an emission may sit in plates of its own on
+  the rightmost dims (examples/hmm.py's tones), read as event dims;
+* every param used directly (as the plan found) and updated in closed form;
+* MAP sites (:mod:`pyro_em.map_sites`) with fixed priors, as in examples/hmm.py and the
+  enumeration tutorial: their priors are evaluated at the current MAP values at each step,
+  for the loss and for the conjugate rules' pseudo-counts;
+* masks that only switch sequences off for good. Past a sequence's end the emissions are
+  masked and the chain runs on unseen, which changes neither the likelihood nor the earlier
+  posteriors; the statistics leave those transitions out.
 
-A mixture is the chain of length one: a plate with one Categorical latent ``z ~ weights`` and
-one emission that depends on ``z`` alone steps as a DiscreteHMM with ``T = 1``, without tracing
-the model either.
+Anything else takes the general path. A mixture is the chain of length one: a plate with one
+Categorical latent ``z ~ weights`` and emissions that depend on ``z`` alone step as a
+DiscreteHMM with ``T = 1``, without tracing the model either.
 """
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -33,6 +37,7 @@ from pyro.poutine.trace_struct import Trace
 from ._validation import MAP_FLAG
 from .closed_form import MStepPlan, Use, components, distribution_args, unwrap
 from .estep import enum_symbols, packed_scale
+from .hmm import JointEmission
 from .rules import find_rule
 from .tracking import compact
 
@@ -48,9 +53,7 @@ class FusedChain:
     active: Optional[torch.Tensor]  # (S, T): steps before each sequence's end, None if all
     start: Tuple[str, torch.Tensor, str]  # (param, ids (K,), "probs" or "logits")
     trans: Optional[Tuple[str, torch.Tensor, str]]  # (param, ids (K, K), "probs" or "logits"); None: a mixture
-    emission_type: type
-    emission_args: Dict[str, Tuple[Optional[str], torch.Tensor]]  # arg -> (param, ids) or (None, value)
-    emission_event_dims: int  # dims reinterpreted by .to_event, and the emission's own plates
+    emissions: List["_Emission"]  # each step's emissions (a JointEmission of them if several)
     plan: MStepPlan
     priors: Dict[str, Tuple[td.Distribution, str, bool]] = field(default_factory=dict)  # MAP site -> (prior, param, unmasked)
 
@@ -85,13 +88,8 @@ class FusedChain:
         transitions = identity.expand(1, K, K)
         if self.trans is not None:
             transitions = torch.cat([transitions, logits(self.trans).expand(T - 1, K, K)])
-        args = {
-            arg: store[name].detach().reshape(-1)[ids] if name is not None else ids
-            for arg, (name, ids) in self.emission_args.items()
-        }
-        emission = self.emission_type(**args, validate_args=False)
-        if self.emission_event_dims:
-            emission = emission.to_event(self.emission_event_dims)
+        parts = [e.distribution() for e in self.emissions]
+        emission = parts[0] if len(parts) == 1 else JointEmission(parts)
         if self.active is not None:
             emission = emission.expand((S, T, K)).mask(self.active[..., None])
         return dist.DiscreteHMM(start, transitions, emission)
@@ -147,37 +145,30 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         return None
 
     states: List[str] = []
-    emissions: List[str] = []
+    emissions: List[List[str]] = []  # the emission sites of each state, in order
     for name, site in sites:
         deps = symbols.intersection(site["packed"]["log_prob"]._pyro_dims)
         own = site["infer"].get("_enumerate_symbol")
         if own is not None:
             prev = scored.nodes[states[-1]]["infer"]["_enumerate_symbol"] if states else None
-            if deps != ({own} if prev is None else {own, prev}) or len(emissions) != len(states):
+            if deps != ({own} if prev is None else {own, prev}) or (states and not emissions[-1]):
                 return None
             states.append(name)
+            emissions.append([])
         else:
-            if not states or deps != {scored.nodes[states[-1]]["infer"]["_enumerate_symbol"]} or len(emissions) != len(states) - 1:
+            if not states or deps != {scored.nodes[states[-1]]["infer"]["_enumerate_symbol"]}:
                 return None
-            emissions.append(name)
+            emissions[-1].append(name)
     T = len(states)
-    if T < 1 or len(emissions) != T:
+    if T < 1 or not emissions[-1] or len({len(e) for e in emissions}) != 1:
         return None
-    # The states share one plate (the sequences) or none; the emissions may add plates of
-    # their own on the rightmost dims (examples/hmm.py's tones), read as event dims.
+    # The states share one plate (the sequences) or none.
     outer = {frames[n] for n in states}
     if len(outer) != 1 or len(next(iter(outer))) > 1:
         return None
     outer = next(iter(outer))
     if any(f.name in prior_plates for f in outer):
         return None  # MAP values local to the sequences
-    inner = {tuple(sorted(set(frames[n]) - set(outer), key=lambda f: f.dim)) for n in emissions}
-    if len(inner) != 1 or any(not set(outer) <= set(frames[n]) for n in emissions):
-        return None
-    inner = next(iter(inner))
-    if [f.dim for f in inner] != list(range(-len(inner), 0)) or any(f.dim != -len(inner) - 1 for f in outer):
-        return None
-    inner_shape = tuple(f.size for f in inner)
 
     state_fns = [unwrap(scored.nodes[n]["fn"], scored.nodes[n]["value"], None)[0] for n in states]
     if not all(isinstance(f, td.Categorical) for f in state_fns):
@@ -204,9 +195,93 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         if spec is None or spec[0] != trans[0] or spec[2] != trans[2] or not torch.equal(spec[1], trans[1]):
             return None
 
-    # Emissions: the same family and the same (state-indexed) arguments at every step.
-    emission_args, emission_type, event_dims, values = None, None, None, []
-    for t, name in enumerate(emissions):
+    found = [_emission(tracked, scored, plan, [step[e] for step in emissions], states, frames, outer, K)
+             for e in range(len(emissions[0]))]
+    if any(f is None for f in found):
+        return None
+    specs, values = [f[0] for f in found], [f[1] for f in found]
+    plate_size = outer[0].size if outer else None
+    values = [torch.stack(v, 1) if plate_size is not None else torch.stack(v, 0).unsqueeze(0) for v in values]
+    if plate_size is not None and values[0].shape[0] != plate_size:
+        return None
+    if len(values) > 1:  # a JointEmission's value: each emission's flattened, side by side
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in values if v.is_floating_point()], torch.get_default_dtype())
+        values = [torch.cat([v.reshape(v.shape[:2] + (-1,)).to(dtype) for v in values], -1)]
+    values = values[0]
+
+    dim = outer[0].dim if outer else None
+    masks = [_step_mask(scored.nodes[n]["mask"], dim) for n in states]
+    if any(m is False for m in masks) or any(
+        not _same_mask(_step_mask(scored.nodes[e]["mask"], dim), m) for step, m in zip(emissions, masks) for e in step
+    ):
+        return None
+    S = values.shape[0]
+    active = None
+    if any(m is not None for m in masks):
+        active = torch.stack([torch.ones(S, dtype=torch.bool) if m is None else m.expand(S) for m in masks], 1)
+        if not bool(active[:, 0].all()) or bool((active[:, 1:] & ~active[:, :-1]).any()):
+            return None  # only sequences that end, never gaps, are fused
+
+    # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after.
+    trans_ids = torch.full((1, K, K), -1, dtype=start[1].dtype)
+    if trans is not None:
+        trans_ids = torch.cat([trans_ids, trans[1].expand(T - 1, K, K)])
+    fused = MStepPlan()
+    parts = ["observation"] if len(specs) == 1 else [f"observation.{e}" for e in range(len(specs))]
+    for part, spec in zip(parts, specs):
+        fused.tracked_args[(SITE, part)] = {a: v for a, v in spec.args.items() if v[0] is not None}
+    for name in plan.closed_form:
+        uses = []
+        if name == start[0]:
+            uses.append(Use(SITE, "", start[2], start[1], find_rule(dist.DiscreteHMM, "initial_logits")))
+        if trans is not None and name == trans[0]:
+            uses.append(Use(SITE, "", trans[2], trans_ids, find_rule(dist.DiscreteHMM, "transition_logits")))
+        for part, spec, step in zip(parts, specs, zip(*emissions)):
+            for arg, (pname, ids) in spec.args.items():
+                like = next((u for u in plan.closed_form[name] if u.site == step[0] and u.arg == arg), None)
+                if pname == name and like is None:
+                    return None
+                if pname == name:
+                    uses.append(Use(SITE, part, arg, ids, like.rule, like.joint))
+        uses += [u for u in plan.closed_form[name] if u.site in priors]  # as planned: traced
+        if not uses:
+            return None
+        fused.closed_form[name] = uses
+    return FusedChain(values, active, start, trans, specs, fused, priors)
+
+
+class _Emission(NamedTuple):
+    """One emission of a fused chain's steps: its family, arguments (``arg -> (param, ids)``
+    or ``(None, constant)``, indexed by the state first) and the dims ``.to_event`` makes
+    (its own plates included)."""
+
+    type: type
+    args: Dict[str, Tuple[Optional[str], torch.Tensor]]
+    event_dims: int
+
+    def distribution(self) -> td.Distribution:
+        """The emission at the current param values, batch ``(K,)``."""
+        store = pyro.get_param_store()
+        args = {arg: store[name].detach().reshape(-1)[ids] if name is not None else ids
+                for arg, (name, ids) in self.args.items()}
+        fn = self.type(**args, validate_args=False)
+        return fn.to_event(self.event_dims) if self.event_dims else fn
+
+
+def _emission(tracked: Trace, scored: Trace, plan: MStepPlan, names: List[str], states: List[str], frames: dict,
+              outer: tuple, K: int) -> Optional[Tuple[_Emission, List[torch.Tensor]]]:
+    """The emission sites ``names`` (one per step) as one :class:`_Emission`, with their values,
+    if they share a family and (state-indexed) arguments; they may sit in plates of their own
+    on the rightmost dims (examples/hmm.py's tones), read as event dims. Else None."""
+    inner = {tuple(sorted(set(frames[n]) - set(outer), key=lambda f: f.dim)) for n in names}
+    if len(inner) != 1 or any(not set(outer) <= set(frames[n]) for n in names):
+        return None
+    inner = next(iter(inner))
+    if [f.dim for f in inner] != list(range(-len(inner), 0)) or any(f.dim != -len(inner) - 1 for f in outer):
+        return None
+    inner_shape = tuple(f.size for f in inner)
+    found, values = None, []
+    for t, name in enumerate(names):
         site = tracked.nodes[name]
         fn, event = site["fn"], 0
         while isinstance(fn, (td.Independent, dist.torch_distribution.ExpandedDistribution)):
@@ -226,58 +301,18 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             if ids is None or (pname is not None and bool((ids < 0).any())):
                 return None
             spec[arg] = (pname, ids.expand((K,) + inner_shape + ids.shape[1 + len(inner):]))
-        event += len(inner)
-        if emission_args is None:
-            emission_args, emission_type, event_dims = spec, type(fn), event
+        this = _Emission(type(fn), spec, event + len(inner))
+        if found is None:
+            found = this
         elif (
-            type(fn) is not emission_type
-            or event != event_dims
-            or spec.keys() != emission_args.keys()
-            or any(spec[a][0] != emission_args[a][0] or not torch.equal(spec[a][1], emission_args[a][1]) for a in spec)
+            this.type is not found.type
+            or this.event_dims != found.event_dims
+            or spec.keys() != found.args.keys()
+            or any(spec[a][0] != found.args[a][0] or not torch.equal(spec[a][1], found.args[a][1]) for a in spec)
         ):
             return None
         values.append(scored.nodes[name]["value"].detach())
-
-    plate_size = outer[0].size if outer else None
-    values = torch.stack(values, 1) if plate_size is not None else torch.stack(values, 0).unsqueeze(0)
-    if plate_size is not None and values.shape[0] != plate_size:
-        return None
-
-    dim = outer[0].dim if outer else None
-    masks = [_step_mask(scored.nodes[n]["mask"], dim) for n in states]
-    if any(m is False for m in masks) or any(
-        not _same_mask(_step_mask(scored.nodes[e]["mask"], dim), m) for e, m in zip(emissions, masks)
-    ):
-        return None
-    S = values.shape[0]
-    active = None
-    if any(m is not None for m in masks):
-        active = torch.stack([torch.ones(S, dtype=torch.bool) if m is None else m.expand(S) for m in masks], 1)
-        if not bool(active[:, 0].all()) or bool((active[:, 1:] & ~active[:, :-1]).any()):
-            return None  # only sequences that end, never gaps, are fused
-
-    # The DiscreteHMM's transitions: identity first (z[0] ~ start), the param's ids after.
-    trans_ids = torch.full((1, K, K), -1, dtype=start[1].dtype)
-    if trans is not None:
-        trans_ids = torch.cat([trans_ids, trans[1].expand(T - 1, K, K)])
-    generic = {(u.arg, name): u for name, uses in plan.closed_form.items() for u in uses}
-    fused = MStepPlan()
-    fused.tracked_args[(SITE, "observation")] = {a: v for a, v in emission_args.items() if v[0] is not None}
-    for name in plan.closed_form:
-        uses = []
-        if name == start[0]:
-            uses.append(Use(SITE, "", start[2], start[1], find_rule(dist.DiscreteHMM, "initial_logits")))
-        if trans is not None and name == trans[0]:
-            uses.append(Use(SITE, "", trans[2], trans_ids, find_rule(dist.DiscreteHMM, "transition_logits")))
-        for arg, (pname, ids) in emission_args.items():
-            if pname == name:
-                like = generic[(arg, name)]
-                uses.append(Use(SITE, "observation", arg, ids, like.rule, like.joint))
-        uses += [u for u in plan.closed_form[name] if u.site in priors]  # as planned: traced
-        if not uses:
-            return None
-        fused.closed_form[name] = uses
-    return FusedChain(values, active, start, trans, emission_type, emission_args, event_dims, fused, priors)
+    return found, values
 
 
 def _priors(sites: list, plan: MStepPlan) -> Optional[Dict[str, Tuple[td.Distribution, str, bool]]]:

@@ -27,7 +27,7 @@ from torch.distributions import transform_to
 from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, pack_shapes
-from .hmm import forward_backward
+from .hmm import JointEmission, forward_backward
 from ._validation import model_errors, unrepresentable
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
@@ -133,7 +133,8 @@ def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.
     A plain site is one part. A :class:`~pyro.distributions.DiscreteHMM` is two: itself (its
     ``initial_logits`` and ``transition_logits``, with an :class:`~pyro_em.hmm.HMMPosterior` as
     weight) and ``"observation"``, its observation distribution at every step, weighted by the
-    posterior of the state at that step.
+    posterior of the state at that step; a :class:`~pyro_em.hmm.JointEmission` observation
+    is one part per emission, ``"observation.0"``, ``"observation.1"``, ...
     """
     fn, value, weight = unwrap(fn, value, weight)
     if not isinstance(fn, DiscreteHMM):
@@ -142,7 +143,12 @@ def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.
     post = None if weight is None else forward_backward(fn, value).scaled(weight)
     yield "", fn, None, post
     obs_value = value.unsqueeze(-1 - fn.observation_dist.event_dim)
-    yield ("observation",) + unwrap(fn.observation_dist, obs_value, None if post is None else post.observation)
+    obs, obs_value, obs_weight = unwrap(fn.observation_dist, obs_value, None if post is None else post.observation)
+    if not isinstance(obs, JointEmission):
+        yield "observation", obs, obs_value, obs_weight
+        return
+    for i, (part, part_value) in enumerate(zip(obs.parts, obs.split(obs_value))):
+        yield (f"observation.{i}",) + unwrap(part, part_value, obs_weight)
 
 
 def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from pyro.distributions import DiscreteHMM
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints
 from pyro.distributions.hmm import _sequential_logmatmulexp
 
 from .tracking import broadcast_shapes, compact
@@ -59,6 +61,43 @@ class HMMPosterior(NamedTuple):
             self.log_z, self.initial * weight[..., None], self.observation * weight[..., None, None],
             (first * weight[..., None, None, None], *rest),
         )
+
+
+class JointEmission(TorchDistribution):
+    """Several independent emissions of one state as one observation distribution, for a
+    :class:`~pyro.distributions.DiscreteHMM` whose steps emit more than one site: its value is
+    theirs, each flattened, concatenated along one event dim (as floats), its log density the
+    sum of theirs. :mod:`pyro_em.chain` builds one for a ``pyro.markov`` chain with several
+    emission sites per step, and the closed-form rules see each part as a part of its own.
+
+    :param parts: distributions of one batch shape, each with its own event shape.
+
+    Example::
+
+        emission = JointEmission([dist.Normal(locs, scales), dist.Categorical(probs)])
+        value = torch.stack([x, y.double()], -1)     # x and y side by side
+        x_again, y_again = emission.split(value)
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real
+
+    def __init__(self, parts, validate_args=None):
+        self.parts = list(parts)
+        self.sizes = [p.event_shape.numel() for p in self.parts]
+        batch = broadcast_shapes(*(p.batch_shape for p in self.parts))
+        super().__init__(batch, torch.Size([sum(self.sizes)]), validate_args=False)
+
+    def split(self, value: torch.Tensor) -> list:
+        """Each part's value, ``(..., *event_i)``, from the joint one."""
+        out, start = [], 0
+        for part, n in zip(self.parts, self.sizes):
+            out.append(value[..., start : start + n].reshape(value.shape[:-1] + part.event_shape))
+            start += n
+        return out
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return functools.reduce(operator.add, (p.log_prob(v) for p, v in zip(self.parts, self.split(value))))
 
 
 def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

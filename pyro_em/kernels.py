@@ -22,7 +22,7 @@ import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 
-from .hmm import hmm_log_prob
+from .hmm import JointEmission, hmm_log_prob
 from .tracking import broadcast_shapes, compact
 
 _KERNELS: Dict[type, Callable] = {}
@@ -243,8 +243,14 @@ def _masked_log_prob(fn: MaskedDistribution, value: torch.Tensor) -> torch.Tenso
     return result if fn._mask is True else torch.where(fn._mask, result, result.new_zeros(()))
 
 
+def _joint_log_prob(fn: JointEmission, value: torch.Tensor) -> torch.Tensor:
+    """The sum of the parts' log densities, each by its kernel."""
+    return sum(log_prob(p, v) for p, v in zip(fn.parts, fn.split(value)))
+
+
 _KERNELS[td.Categorical] = _categorical_log_prob
 _KERNELS[td.Bernoulli] = _bernoulli_log_prob
 _KERNELS[td.Independent] = _independent_log_prob
 _KERNELS[ExpandedDistribution] = _expanded_log_prob
 _KERNELS[MaskedDistribution] = _masked_log_prob
+_KERNELS[JointEmission] = _joint_log_prob

@@ -303,3 +303,46 @@ def test_likelihoods_that_underflow_in_float32(algorithm, monkeypatch):
         torch.testing.assert_close(post.log_z, fn.log_prob(X.to(dtype)), **tol)
         posteriors[dtype] = post.observation
     torch.testing.assert_close(posteriors[torch.float32].double(), posteriors[torch.float64], rtol=0, atol=1e-5)
+
+
+def test_several_emissions_per_step_step_as_one_fused_chain(monkeypatch):
+    """Each step emits a scalar Normal, a Categorical and a 2-D diagonal Normal, all given the
+    state: the chain fuses into one DiscreteHMM with a JointEmission, and its losses and iterates
+    equal the traced path's, variable lengths included."""
+    g = torch.Generator().manual_seed(0)
+    S, T, D = 3, max(LENGTHS), 2
+    x = torch.randn(S, T, generator=g)
+    y = torch.randint(M, (S, T), generator=g)
+    w = torch.randn(S, T, D, generator=g)
+    lengths = torch.tensor(LENGTHS)
+    init = {"start": random_simplex(g, K), "trans": random_simplex(g, K, K), "emit": random_simplex(g, K, M),
+            "locs": torch.randn(K, generator=g), "means": torch.randn(K, D, generator=g)}
+
+    def model(x, y, w, lengths):
+        start = pyro.param("start", init["start"].clone(), constraint=constraints.simplex)
+        trans = pyro.param("trans", init["trans"].clone(), constraint=constraints.simplex)
+        emit = pyro.param("emit", init["emit"].clone(), constraint=constraints.simplex)
+        locs = pyro.param("locs", init["locs"].clone())
+        scales = pyro.param("scales", torch.ones(K), constraint=constraints.positive)
+        means = pyro.param("means", init["means"].clone())
+        with pyro.plate("seqs", S):
+            z = None
+            for t in pyro.markov(range(T)):
+                with poutine.mask(mask=t < lengths):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                    pyro.sample(f"x_{t}", dist.Normal(locs[z], scales[z]), obs=x[:, t])
+                    pyro.sample(f"y_{t}", dist.Categorical(emit[z]), obs=y[:, t])
+                    pyro.sample(f"w_{t}", dist.Normal(means[z], 1.0).to_event(1), obs=w[:, t])
+
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
+        pyro.clear_param_store()
+        em = EM(model, m_step="closed_form")
+        losses = [em.step(x, y, w, lengths) for _ in range(4)]
+        assert (em.fused_chain is not None) == fused
+        runs[fused] = losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, atol=1e-12, rtol=0, msg=k)
