@@ -25,9 +25,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from pyro.distributions import DiscreteHMM
+from pyro.distributions.hmm import _sequential_logmatmulexp
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
-from pyro.distributions.hmm import _sequential_logmatmulexp
 
 from .tracking import broadcast_shapes, compact
 
