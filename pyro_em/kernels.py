@@ -140,8 +140,14 @@ def _categorical_log_prob(fn: td.Categorical, value: torch.Tensor) -> Optional[t
         return None
     if fn._validate_args:
         fn._validate_sample(value)
+    log_pmf = fn.probs.log()
+    if log_pmf.dim() == 2 and value.dim() and value.shape[-1] == 1:
+        # A table of K rows (a state's emission) at values broadcast over the states: whole
+        # rows of the transposed table, one lookup per value, not one per value and state.
+        rows = torch.index_select(log_pmf.T.contiguous(), 0, value.long().reshape(-1))
+        return rows.view(value.shape[:-1] + log_pmf.shape[:1])
     value = value.long().unsqueeze(-1)
-    value, log_pmf = torch.broadcast_tensors(value, fn.probs.log())
+    value, log_pmf = torch.broadcast_tensors(value, log_pmf)
     return log_pmf.gather(-1, value[..., :1]).squeeze(-1)
 
 
