@@ -127,12 +127,21 @@ class _Blocked(NamedTuple):
 
 
 class _Forward(NamedTuple):
-    alphas: torch.Tensor  # (T + 1, ..., K): filtered state probabilities, alphas[0] = initial
+    alphas: torch.Tensor  # (T + 1, ..., K): filtered state probabilities (alphas[0] see prev)
     scales: torch.Tensor  # (T, ...): per-step normalizers of the shifted likelihoods
     log_z: torch.Tensor  # (...)
     b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step (a view)
     probs: torch.Tensor  # (..., T or 1, K, K): transition probabilities
+    first: torch.Tensor  # (..., K): the initial distribution, not broadcast over the sequences
     blocked: Optional[_Blocked] = None  # set by the blocked algorithm
+
+    @property
+    def prev(self) -> torch.Tensor:
+        """``(T, ..., K)``: the filtered state before each step. With one step (a mixture) it
+        is the initial distribution broadcast, a view: ``alphas[0]`` is not written then."""
+        if self.alphas.shape[0] == 2:
+            return self.first.expand(self.alphas.shape[1:]).unsqueeze(0)
+        return self.alphas[:-1]
 
 
 def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algorithm: str) -> _Forward:
@@ -142,19 +151,23 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algo
     probs = compact(trans).exp()
     shift = obs.max(-1).values.clamp_min(torch.finfo(obs.dtype).min)  # (..., T)
     batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2])
+    first = compact(initial).exp()
     if algorithm == "blocked":
-        return _forward_blocked(initial.exp(), probs, obs, shift, batch)
+        return _forward_blocked(first, probs, obs, shift, batch)
     b = _exp_flushed(obs - shift.unsqueeze(-1)).movedim(-2, 0)
     alphas = obs.new_empty((T + 1,) + batch + obs.shape[-1:])
-    alphas[0] = initial.exp()
+    if T > 1:  # read by the statistics of the second transition on (see _Forward.prev)
+        alphas[0] = first
     scales = obs.new_empty((T,) + batch)
     step = _steps(probs, T)
     for t in range(T):
-        a = _matmul(alphas[t], step[t]).mul_(b[t])
+        # The first step from the initial distribution before it is broadcast: K rows, not one
+        # per sequence.
+        a = _matmul(first, step[0]) * b[0] if t == 0 else _matmul(alphas[t], step[t]).mul_(b[t])
         torch.sum(a, -1, out=scales[t])
         torch.div(a, scales[t].unsqueeze(-1), out=alphas[t + 1])
     log_z = scales.log().sum(0) + shift.sum(-1)
-    return _Forward(alphas, scales, log_z, b, probs)
+    return _Forward(alphas, scales, log_z, b, probs, first)
 
 
 def _exp_flushed(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +250,7 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, obs: torch.Tens
     log_z = scales[:T].log().sum(0).view(batch) + shift.sum(-1)
     blocked = _Blocked(blocks, A, P, starts, b, scales)
     view = lambda x, n: x[:n].view((n,) + batch + x.shape[2:])  # noqa: E731
-    return _Forward(view(alphas, T + 1), view(scales, T), log_z, view(b, T), probs, blocked)
+    return _Forward(view(alphas, T + 1), view(scales, T), log_z, view(b, T), probs, initial, blocked)
 
 
 def _block_matmul(x: torch.Tensor, A: torch.Tensor, l: int, transpose: bool = False) -> torch.Tensor:
@@ -280,7 +293,11 @@ def _steps(probs: torch.Tensor, T: int) -> list:
 
 def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """``alphas[t] @ A_t`` for every step at once: ``alphas (T, ..., K)``, transitions
-    ``(..., T or 1, K, K)``; one matrix product unless the transitions vary by sequence."""
+    ``(..., T or 1, K, K)``; one matrix product unless the transitions vary by sequence, over
+    the rows ``alphas`` holds (a broadcast one once)."""
+    if any(st == 0 and n > 1 for st, n in zip(alphas.stride(), alphas.shape)):
+        rows = compact(alphas)
+        return _propagate(rows, probs).expand(broadcast_shapes(alphas.shape, rows.shape[:-1] + alphas.shape[-1:]))
     steps = probs.movedim(-3, 0)
     if any(n > 1 for n in steps.shape[1:-2]):
         return (alphas.unsqueeze(-2) @ steps).squeeze(-2)
@@ -377,10 +394,10 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
             for t in range(T - 1, -1, -1):
                 beta = _matmul(b_beta[t].mul_(beta), step[t])
         # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1].
-        observation = _propagate(fwd.alphas[:-1], fwd.probs).mul_(b_beta).movedim(0, -2)
-        prev, b_beta = fwd.alphas[:-1].movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
+        observation = (_propagate(fwd.prev, fwd.probs) * b_beta).movedim(0, -2)
+        prev, b_beta = fwd.prev.movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
-        return HMMPosterior(fwd.log_z, fwd.alphas[0] * beta, observation, factors)
+        return HMMPosterior(fwd.log_z, fwd.first * beta, observation, factors)
 
 
 def parallel_forward_backward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> HMMPosterior:
