@@ -20,6 +20,7 @@ import torch
 import torch.distributions as td
 from pyro.distributions import DiscreteHMM
 
+from .kernels import feature_major
 from .tracking import broadcast_shapes, compact
 
 Stats = Dict[str, torch.Tensor]
@@ -616,7 +617,8 @@ class _CovarianceRule(Rule):
             means = loc.reshape(loc_b + (D,)).expand(tuple(batch[i] if i in groups else 1 for i in range(n)) + (D,))
             means = means.permute(groups + pooled + [n]).reshape(g, D)
             W = weight.expand(batch).permute(groups + pooled).reshape(g, -1)
-            scatter = torch.stack([_weighted_scatter(X, means[j], W[j]) for j in range(g)])
+            Xt, root_w = feature_major(X), W.sqrt()
+            scatter = torch.stack([_weighted_scatter(Xt, means[j], root_w[j]) for j in range(g)])
             slot = slot.permute(groups + pooled).reshape(-1)
             n_slots = ctx.numel // (D * D)
             S = scatter.new_zeros(n_slots, D, D).index_add_(0, slot, scatter)
@@ -656,10 +658,11 @@ class _CovarianceRule(Rule):
         return keep_old(old, new, W.reshape(old.shape[:-2]))
 
 
-def _weighted_scatter(X: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_n w_n (x_n - mean)(x_n - mean)^T`` for rows ``X (N, D)``."""
-    d = (X - mean).mul_(w.sqrt().unsqueeze(-1))
-    return d.T @ d
+def _weighted_scatter(Xt: torch.Tensor, mean: torch.Tensor, root_w: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_n (x_n - mean)(x_n - mean)^T`` for the data as columns ``Xt (D, N)``, given
+    ``sqrt(w)``."""
+    d = (Xt - mean.unsqueeze(-1)).mul_(root_w)
+    return d @ d.T
 
 
 for _arg in ("scale_tril", "covariance_matrix", "precision_matrix"):

@@ -113,3 +113,40 @@ def test_diagonal_normal_and_poisson_kernels_match_torch(family, param_shape, x_
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-9)
     grads = [torch.autograd.grad(v.sum(), loc, retain_graph=True)[0] for v in (actual, expected)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-9)
+
+
+def test_feature_major_copy_follows_the_data():
+    """The transposed copy of the data is reused only for the same data, unchanged: a change in
+    place, another tensor, another view of the same storage, and a freed tensor all miss."""
+    x = torch.randn(50, 3)
+    first = kernels.feature_major(x.reshape(-1, 3))
+    assert torch.equal(first, x.T) and kernels.feature_major(x.reshape(-1, 3)) is first
+    x.add_(1.0)
+    assert torch.equal(kernels.feature_major(x), x.T)
+    assert torch.equal(kernels.feature_major(x[10:]), x[10:].T)
+    y = x.clone()
+    assert torch.equal(kernels.feature_major(y), y.T)
+    del y
+    assert not kernels._FEATURE_MAJOR  # the copy goes with its data
+
+
+def test_a_mixture_evaluated_after_its_data_changed_in_place():
+    """An E-step on data changed in place since the last one uses the new values (the kernels'
+    cached copy of the data follows the change), as one on a fresh copy of them does."""
+    import pyro
+    from pyro_em import EM
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(10_000, 2, generator=g) + 3 * torch.randint(2, (10_000, 1), generator=g)
+
+    @pyro.infer.config_enumerate
+    def model(x):
+        locs = pyro.param("locs", torch.tensor([[0.0, 0.0], [3.0, 3.0]]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("x", dist.MultivariateNormal(locs[z], torch.eye(2)), obs=x)
+
+    em = EM(model)
+    em.step(data)
+    data.mul_(-1.0)
+    assert em.evaluate_loss(data) == pytest.approx(em.evaluate_loss(data.clone()), rel=1e-12)
