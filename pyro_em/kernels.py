@@ -245,8 +245,9 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     dtype = torch.promote_types(params[0].dtype, value.dtype) if value.is_floating_point() else params[0].dtype
     params = [p.to(dtype) for p in params]
     X = value.reshape(-1, D).to(dtype)
-    eta = torch.cat(natural(*params), -1)  # (components, m D)
-    T = torch.cat(stats(X), -1)  # (data, m D)
+    join = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, -1)  # noqa: E731
+    eta = join(natural(*params))  # (components, m D)
+    T = join(stats(X))  # (data, m D)
     result = torch.addmm(-normalizer(*params).sum(-1), T, eta.T)  # (data, components)
     if base_measure is not None:
         result = result + base_measure(X).sum(-1, keepdim=True)
