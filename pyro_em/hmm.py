@@ -295,7 +295,7 @@ def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """``alphas[t] @ A_t`` for every step at once: ``alphas (T, ..., K)``, transitions
     ``(..., T or 1, K, K)``; one matrix product unless the transitions vary by sequence, over
     the rows ``alphas`` holds (a broadcast one once)."""
-    if any(st == 0 and n > 1 for st, n in zip(alphas.stride(), alphas.shape)):
+    if _broadcast(alphas):
         rows = compact(alphas)
         return _propagate(rows, probs).expand(broadcast_shapes(alphas.shape, rows.shape[:-1] + alphas.shape[-1:]))
     steps = probs.movedim(-3, 0)
@@ -304,6 +304,11 @@ def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     steps = steps.reshape(steps.shape[:1] + steps.shape[-2:])
     flat = alphas.reshape(alphas.shape[0] if steps.shape[0] > 1 else 1, -1, alphas.shape[-1])
     return (flat @ steps).view(alphas.shape)
+
+
+def _broadcast(t: torch.Tensor) -> bool:
+    """Whether ``t`` repeats itself along some dim (an expanded view)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -394,7 +399,8 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
             for t in range(T - 1, -1, -1):
                 beta = _matmul(b_beta[t].mul_(beta), step[t])
         # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1].
-        observation = (_propagate(fwd.prev, fwd.probs) * b_beta).movedim(0, -2)
+        observation = _propagate(fwd.prev, fwd.probs)
+        observation = (observation * b_beta if _broadcast(observation) else observation.mul_(b_beta)).movedim(0, -2)
         prev, b_beta = fwd.prev.movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
         return HMMPosterior(fwd.log_z, fwd.first * beta, observation, factors)
