@@ -178,8 +178,10 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, mo
         assert paths[s, :n].tolist() == viterbi_path[offsets[s]:offsets[s + 1]].tolist()
 
 
-def test_long_sequence_in_float32_matches_float64():
-    """T = 10,000 steps: the scaled forward-backward neither underflows nor drifts in float32."""
+@pytest.mark.parametrize("algorithm", ["sequential", "blocked", "parallel"])
+def test_long_sequence_in_float32_matches_float64(algorithm, monkeypatch):
+    """T = 10,000 steps: no forward-backward algorithm underflows or drifts in float32."""
+    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
     g = torch.Generator().manual_seed(0)
     T = 10_000
     states = torch.zeros(T, dtype=torch.long)
