@@ -336,15 +336,61 @@ def test_several_emissions_per_step_step_as_one_fused_chain(monkeypatch):
                     pyro.sample(f"y_{t}", dist.Categorical(emit[z]), obs=y[:, t])
                     pyro.sample(f"w_{t}", dist.Normal(means[z], 1.0).to_event(1), obs=w[:, t])
 
+    assert_fused_equals_traced(model, (x, y, w, lengths), monkeypatch)
+
+
+def assert_fused_equals_traced(model, args, monkeypatch, steps=4):
+    """``steps`` EM steps fused (the model is recognized as a chain) and traced (the general
+    path) give the same losses and params to 1e-12."""
     runs = {}
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
-        pyro.clear_param_store()
-        em = EM(model, m_step="closed_form")
-        losses = [em.step(x, y, w, lengths) for _ in range(4)]
-        assert (em.fused_chain is not None) == fused
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
+            pyro.clear_param_store()
+            em = EM(model, m_step="closed_form")
+            losses = [em.step(*args) for _ in range(steps)]
+            assert (em.fused_chain is not None) == fused
         runs[fused] = losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, atol=1e-12, rtol=0, msg=k)
+
+
+def test_emissions_in_plates_of_their_own_fuse(monkeypatch):
+    """An emission in a plate of its own, as examples/hmm.py's tones (here Normal with a
+    state-indexed mean and a constant scale, sequences that end), and a mixture whose emission
+    sits in a features plate: both fuse, with the traced path's iterates."""
+    g = torch.Generator().manual_seed(0)
+    S, T, D = 4, 12, 5
+    X = torch.randn(S, T, D, generator=g)
+    lengths = torch.tensor([12, 7, 9, 12])
+    locs0 = torch.randn(K, D, generator=g)
+
+    def hmm_with_tones(X, lengths):
+        start = pyro.param("start", torch.ones(K) / K, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.ones(K, K) / K + torch.eye(K), constraint=constraints.simplex)
+        locs = pyro.param("locs", locs0.clone())
+        tones = pyro.plate("tones", D, dim=-1)
+        with pyro.plate("seqs", S, dim=-2):
+            z = None
+            for t in pyro.markov(range(T)):
+                with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]),
+                                    infer={"enumerate": "parallel"})
+                    with tones:
+                        pyro.sample(f"x_{t}", dist.Normal(locs[z.squeeze(-1)], 1.0), obs=X[:, t])
+
+    assert_fused_equals_traced(hmm_with_tones, (X, lengths), monkeypatch, steps=3)
+    data = torch.randn(300, D, generator=g) + 3 * torch.randint(K, (300, 1), generator=g)
+
+    def mixture_with_features(data):
+        w = pyro.param("w", torch.ones(K) / K, constraint=constraints.simplex)
+        locs = pyro.param("locs", locs0.clone())
+        scales = pyro.param("scales", torch.ones(K, D), constraint=constraints.positive)
+        with pyro.plate("data", len(data), dim=-2):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            with pyro.plate("features", D, dim=-1):
+                pyro.sample("x", dist.Normal(locs[z.squeeze(-1)], scales[z.squeeze(-1)]), obs=data)
+
+    assert_fused_equals_traced(mixture_with_features, (data,), monkeypatch, steps=3)
