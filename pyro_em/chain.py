@@ -238,11 +238,13 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             uses.append(Use(SITE, "", trans[2], trans_ids, find_rule(dist.DiscreteHMM, "transition_logits")))
         for part, spec, step in zip(parts, specs, zip(*emissions)):
             for arg, (pname, ids) in spec.args.items():
+                if pname != name:
+                    continue
+                # The rule the plan found at the first step's emission site serves every step.
                 like = next((u for u in plan.closed_form[name] if u.site == step[0] and u.arg == arg), None)
-                if pname == name and like is None:
+                if like is None:
                     return None
-                if pname == name:
-                    uses.append(Use(SITE, part, arg, ids, like.rule, like.joint))
+                uses.append(Use(SITE, part, arg, ids, like.rule, like.joint))
         uses += [u for u in plan.closed_form[name] if u.site in priors]  # as planned: traced
         if not uses:
             return None

@@ -97,7 +97,7 @@ class JointEmission(TorchDistribution):
         return out
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return functools.reduce(operator.add, (p.log_prob(v) for p, v in zip(self.parts, self.split(value))))
+        return sum(p.log_prob(v) for p, v in zip(self.parts, self.split(value)))
 
 
 def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +130,8 @@ class _Forward(NamedTuple):
     alphas: torch.Tensor  # (T + 1, ..., K): filtered state probabilities (alphas[0] see prev)
     scales: torch.Tensor  # (T, ...): per-step normalizers of the shifted likelihoods
     log_z: torch.Tensor  # (...)
-    b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step (a view)
+    b: torch.Tensor  # (T, ..., K): observation likelihoods, shifted to max 1 per step (blocked:
+    # a view of the buffer the backward pass turns into b * beta / scale in place)
     probs: torch.Tensor  # (..., T or 1, K, K): transition probabilities
     first: torch.Tensor  # (..., K): the initial distribution, not broadcast over the sequences
     blocked: Optional[_Blocked] = None  # set by the blocked algorithm

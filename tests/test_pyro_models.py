@@ -14,6 +14,7 @@ from pyro.infer.autoguide import AutoDelta
 
 import pyro_models as M
 from pyro_em import EM
+from test_hmm import assert_fused_equals_traced
 
 
 def traceenum_loss(model, args, kwargs, max_plate_nesting):
@@ -90,19 +91,8 @@ def test_fused_chain_equals_the_traced_path(name, include_prior, monkeypatch):
     without tracing the model; losses and iterates equal the general traced path's."""
     model, args, nest = next(case[1:] for case in _cases() if case[0] == name)
     kwargs = {} if include_prior is None else {"include_prior": include_prior}
-    runs = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)  # the same MAP starting values (init_to_median samples)
-        em = EM(model, map_space="unconstrained", max_plate_nesting=nest)
-        losses = [em.step(*args, **kwargs) for _ in range(4)]
-        assert (em.fused_chain is not None) == fused
-        runs[fused] = losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
-    for k, v in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][k], v, atol=1e-12, rtol=0, msg=k)
+    assert_fused_equals_traced(model, args, monkeypatch, kwargs=kwargs, m_step="auto", map_space="unconstrained",
+                               max_plate_nesting=nest)
 
 
 def test_unbounded_map_objective_is_an_error_that_writes_nothing():
