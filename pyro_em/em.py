@@ -244,8 +244,9 @@ class EM:
             except (ValueError, RuntimeError, IndexError):
                 return poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
 
-    def _trace(self, args: tuple, kwargs: dict):
-        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs), subsample=self._subsample)
+    def _trace(self, args: tuple, kwargs: dict, record: bool = False):
+        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs),
+                           subsample=self._subsample, record=record)
 
     @_accepts_numpy
     def e_step(self, *args: Any, **kwargs: Any) -> EStep:

@@ -63,12 +63,14 @@ def enum_model(model: Callable, first_available_dim: int) -> Callable:
 
 
 def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim: int, shapes_only: bool = False,
-                subsample: bool = False) -> Trace:
+                subsample: bool = False, record: bool = False) -> Trace:
     """Trace ``model`` with parallel enumeration and compute packed log densities.
 
     :param shapes_only: give each site a log density of the right shape made of zeros (a
         broadcast view: no memory, no work), for analyses that need the trace's structure only.
     :param subsample: allow plates that subsample (stepwise EM).
+    :param record: for a run that :mod:`pyro_em.compiled` records: no checks, and each site's
+        own ``log_prob`` (the kernels choose their path by looking at values).
     :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
     """
     with model_errors(args, kwargs):
@@ -76,12 +78,13 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     if shapes_only:
         return pack_shapes(trace, subsample)
     trace = prune_subsample_sites(trace)
-    check_enumerated_trace(trace, subsample)
+    if not record:
+        check_enumerated_trace(trace, subsample)
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
             fn, value = site["fn"], site["value"]
             try:
-                lp = kernels.log_prob(fn, value) if not site["args"] and not site["kwargs"] else (
+                lp = kernels.log_prob(fn, value) if not (site["args"] or site["kwargs"] or record) else (
                     fn.log_prob(value, *site["args"], **site["kwargs"])
                 )
             except (ValueError, IndexError, RuntimeError) as e:

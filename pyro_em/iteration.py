@@ -24,7 +24,8 @@ from . import distributed
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE, FusedChain
 from .closed_form import MStepPlan, estep_parts, solve, summarize, write
-from .estep import EStep, enum_symbols, expected_log_joint
+from .compiled import BatchQ
+from .estep import EStep, enum_symbols
 from .gradient import Objective
 from .hmm import hmm_log_prob
 from .map_sites import check_map_bounded
@@ -46,6 +47,7 @@ class PlannedBatch:
     plan: MStepPlan
     chain: Optional[FusedChain]
     structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
+    q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
 
     @property
     def updates(self) -> MStepPlan:
@@ -288,15 +290,23 @@ class _Pieces:
         it, em = self.it, self.it.em
         if it.keep:
             for pb, _, _, estep in it._kept:
-                yield lambda pb=pb, estep=estep: expected_log_joint(estep, em._trace(pb.args, pb.kwargs))
+                yield lambda q=_batch_q(em, pb), estep=estep: q(estep)
             return
         for i, pb in enumerate(it.planned(True)):
             def piece(pb=pb, drop=i > 0 or it._rank > 0):
                 with _values(it.params, it.old):
                     estep = _e_step(em, pb, drop)[2]
-                return expected_log_joint(estep, em._trace(pb.args, pb.kwargs))
+                return _batch_q(em, pb)(estep)
 
             yield piece
+
+
+def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:
+    """The batch's piece of ``Q`` (see :mod:`pyro_em.compiled`), made at its first use."""
+    if pb.q is None:
+        args, kwargs = pb.args, pb.kwargs
+        pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params))
+    return pb.q
 
 
 def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, torch.Tensor, Optional[EStep]]:
