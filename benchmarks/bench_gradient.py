@@ -1,9 +1,11 @@
 """Time EM steps whose M-step needs gradients, against one E-step of the same model.
 
 A param that enters its distribution through a computation has no closed form: the M-step
-maximizes ``Q`` numerically, each evaluation of ``Q`` running the model again. This prints, for
-each model, one E-step, one steady-state EM step, and their ratio (goal: at most 3 for the
-mixture of regressions, at most 10 for the capture-recapture models):
+maximizes ``Q`` numerically. Its evaluations replay ``Q`` recorded as a program of tensor
+operations (:mod:`pyro_em.compiled`) from a batch's third on. This prints, for each model, one
+E-step, one steady-state EM step, their ratio (goal: at most 3 for the mixture of regressions,
+at most 10 for the capture-recapture models), and the EM step when every evaluation of ``Q``
+runs the model (``pyro_em.compiled.ENABLED = False``):
 
   * a mixture of K=3 linear regressions, N=2,000 points (intercepts and slopes by gradient);
   * Cormack-Jolly-Seber capture-recapture models as Pyro's examples write them (survival
@@ -24,6 +26,7 @@ import torch
 from pyro import poutine
 from torch.distributions import constraints
 
+import pyro_em.compiled
 from _timing import best_time
 from pyro_em import EM
 
@@ -75,20 +78,26 @@ def cjs_data(N, T):
 
 
 def measure(label, model, args, repeat):
-    pyro.clear_param_store()
-    em = EM(model)
-    start = time.perf_counter()
-    em.step(*args)
-    first = time.perf_counter() - start
-    t_e = best_time(lambda: em.e_step(*args), repeat)
-    t_step = best_time(lambda: em.step(*args), repeat)
-    print(f"{label:44s} {t_e:8.4f} {t_step:8.4f} {t_step / t_e:7.1f} {first:8.3f}")
+    steps, firsts = {}, {}
+    for recorded in (True, False):
+        pyro_em.compiled.ENABLED = recorded
+        pyro.clear_param_store()
+        em = EM(model)
+        start = time.perf_counter()
+        em.step(*args)
+        firsts[recorded] = time.perf_counter() - start
+        if recorded:
+            t_e = best_time(lambda: em.e_step(*args), repeat)
+        steps[recorded] = best_time(lambda: em.step(*args), repeat)
+    pyro_em.compiled.ENABLED = True
+    t_step, first = steps[True], firsts[True]
+    print(f"{label:44s} {t_e:8.4f} {t_step:8.4f} {t_step / t_e:7.1f} {first:8.3f} {steps[False]:10.4f}")
 
 
 def main(repeat):
     torch.set_default_dtype(torch.float64)
     print(f"Gradient M-step, float64, torch threads={torch.get_num_threads()}")
-    print(f"{'model':44s} {'E-step':>8s} {'EM step':>8s} {'ratio':>7s} {'first':>8s}  (seconds)")
+    print(f"{'model':44s} {'E-step':>8s} {'EM step':>8s} {'ratio':>7s} {'first':>8s} {'model run':>10s}  (seconds)")
     measure("mixture of 3 regressions, N=2,000", regression_mixture, regression_data(2000), repeat)
     history = cjs_data(200, 10)
     measure("CJS model 1 (phi, rho), 200 x 10", lambda h: cjs(h, False), (history,), repeat)

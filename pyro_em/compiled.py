@@ -51,10 +51,12 @@ class BatchQ:
         trace (:func:`~pyro_em.estep.trace_model`); called with ``record=True`` for the run that
         is recorded.
     :param names: the params the model reads from Pyro's param store (the program's inputs).
+    :param free: those among ``names`` that the gradient M-step moves: the others enter the
+        program detached, so that autograd records nothing for them.
     """
 
-    def __init__(self, trace: Callable[..., Trace], names: List[str]):
-        self._trace, self.names = trace, list(names)
+    def __init__(self, trace: Callable[..., Trace], names: List[str], free: List[str]):
+        self._trace, self.names, self._free = trace, list(names), set(free)
         self._program: Optional[Callable[..., torch.Tensor]] = None
         self._evaluations = 0  # by running the model
         self._state = "new"  # "new" -> (recorded) "unchecked" -> "checked", or "off"
@@ -97,7 +99,8 @@ class BatchQ:
         weights = [estep.weights[name] for name in self._weight_names]
         if any(w.shape != s for w, s in zip(weights, self._weight_shapes)):
             return None
-        return [store._params[name] for name in self.names] + weights
+        return [store._params[name] if name in self._free else store._params[name].detach()
+                for name in self.names] + weights
 
     def _run(self, estep: EStep) -> torch.Tensor:
         inputs = self._inputs(estep)
@@ -109,7 +112,8 @@ class BatchQ:
     def _record(self, estep: EStep) -> Optional[Callable[..., torch.Tensor]]:
         self._weight_names = list(estep.weights)
         self._weight_shapes = [estep.weights[name].shape for name in self._weight_names]
-        inputs = self._inputs(estep)  # the store's own tensors, which pyro.module's networks use too
+        store = pyro.get_param_store()  # its own tensors, which pyro.module's networks use too
+        inputs = [store._params[name] for name in self.names] + [estep.weights[name] for name in self._weight_names]
         recorder = _Recorder(inputs)
         try:
             with torch.no_grad(), pyro.validation_enabled(False), recorder:

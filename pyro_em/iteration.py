@@ -305,7 +305,8 @@ def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:
     """The batch's piece of ``Q`` (see :mod:`pyro_em.compiled`), made at its first use."""
     if pb.q is None:
         args, kwargs = pb.args, pb.kwargs
-        pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params))
+        pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params),
+                      [name for name in pb.plan.params if name not in pb.plan.closed_form])
     return pb.q
 
 

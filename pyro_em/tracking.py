@@ -282,15 +282,15 @@ def param_dependencies(tensor: Optional[torch.Tensor], leaves: Dict[torch.Tensor
     if root is None:
         return {leaves[tensor]} if tensor in leaves else set()
     memo = {} if memo is None else memo
-    stack = [(root, False)]
-    while stack:  # post-order: a node's answer after its inputs'
-        node, inputs_done = stack.pop()
+    stack = [(root, None)]
+    while stack:  # post-order: a node's answer after its inputs' (listed on the first visit)
+        node, inputs = stack.pop()
         if node in memo:
             continue
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        if not inputs_done:
-            stack.append((node, True))
-            stack.extend((n, False) for n in inputs if n not in memo)
+        if inputs is None:
+            inputs = [n for n, _ in node.next_functions if n is not None]
+            stack.append((node, inputs))
+            stack.extend((n, None) for n in inputs if n not in memo)
             continue
         variable = getattr(node, "variable", None)
         found = {leaves[variable]} if variable is not None and variable in leaves else set()
