@@ -1,33 +1,36 @@
-"""``Q`` recorded as a straight-line program of tensor operations, run without the model.
+"""Tensor programs recorded from one run and replayed without Python's overhead.
 
-The gradient M-step evaluates ``Q = sum_f <w_f, log f>`` (:func:`~pyro_em.estep.expected_log_joint`)
-several times a step. Running the Pyro model for each evaluation costs its Python (poutine
-handlers, distribution objects, checks) on top of the tensor work, which for moderate data is
-most of it. So once a batch's ``Q`` has been evaluated :data:`RECORD_AFTER` times, one more
-evaluation runs under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that records
-every ATen operation reached from its inputs, the params' unconstrained values and the E-step's
-weights. Operations on anything else (the data, masks, enumerated values) are computed once,
-there, and kept as constants. The recorded operations become a Python function of the inputs
-(:func:`_compile`); later evaluations call it, and autograd differentiates it as any tensor code,
-so gradients and Hessians are unchanged.
+A step of EM runs much Python around its tensor operations: the Pyro model (poutine handlers,
+distribution objects), plans, rules. Where the same computation repeats with new values, it
+is recorded once: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every ATen
+operation of a run; those reached from the inputs are recorded, the others (on the data,
+masks, enumerated values) run once, there, and are kept as constants. The recorded operations
+become a straight-line Python function of the inputs (:func:`_compile`), which later runs call.
+Autograd differentiates it as any tensor code. Two computations are recorded:
 
-The program is only as good as the run it was recorded from, so:
+* :class:`BatchQ`: a batch's ``Q = sum_f <w_f, log f>`` (:func:`~pyro_em.estep.expected_log_joint`),
+  which the gradient M-step evaluates several times a step, from the params' unconstrained
+  values and the E-step's weights (recorded with Pyro's own ``log_prob`` and no validation);
+* :class:`StepProgram`: a fused chain's closed-form stage (forward-backward, statistics,
+  solves), from the params to their new values and the loss.
 
-* the recording runs Pyro's own ``log_prob`` without validation or pyro_em's checks (the E-step
-  made those). Where Python reads a value computed from the inputs (``if`` on a param,
-  ``.item()``, ``float(...)``, ``torch.equal``), a random draw, an in-place change of a constant
-  by a recorded operation, or a constant changed after it was read, recording stops and the
-  batch keeps running the model;
-* the first evaluation after the recording, at other params, runs the model too, and the two
-  values must agree to round-off, else the program is dropped for good; so must every input
-  param reach ``Q`` (a ``pyro.module`` network computes with its own tensors, not the store's);
-* a non-finite value is recomputed by the model, so a rejected param still raises its error
-  naming the site (or gives the model's own ``-inf``).
+A program is only as good as the run it was recorded from, so:
 
-Set :data:`ENABLED` to ``False`` to always run the model.
+* Python's reads of values computed from the inputs become *guards*: a boolean (an ``if``
+  on ``(x > 0).all()``, a check) must come out as it did, else that call runs eagerly; any
+  other read (``.item()`` of a number, ``float(...)``), a random draw, a warning, or a
+  constant changed in place by a recorded operation or after one read it, leave the
+  computation unrecorded (it keeps running eagerly);
+* the first replay is compared with an eager run, and must agree to round-off, else the
+  program is dropped for good;
+* a non-finite result is recomputed eagerly, so errors keep naming their site.
+
+A computation is recorded after :data:`RECORD_AFTER` eager runs. Set :data:`ENABLED` to
+``False`` to run everything eagerly.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -37,15 +40,80 @@ from torch.utils._pytree import tree_flatten
 
 from .estep import EStep, expected_log_joint
 
-#: Record ``Q`` (see the module docs); ``False``: run the model for every evaluation.
+#: Record and replay (see the module docs); ``False``: run everything eagerly.
 ENABLED = True
-#: Evaluations of a batch's ``Q`` by running the model before it is recorded (a recording costs
-#: about two evaluations, and is checked by a third).
+#: Eager runs of a computation before it is recorded (a recording costs about two runs, and
+#: is checked by a third).
 RECORD_AFTER = 2
+
+Tensors = Tuple[torch.Tensor, ...]
+
+
+class _Replay:
+    """The life of one recorded computation: run eagerly :data:`RECORD_AFTER` times, then
+    recorded, compared with an eager run at its first replay, then replayed; dropped for good
+    where it cannot be recorded or disagrees."""
+
+    def __init__(self):
+        self.program: Optional[Callable[..., Tensors]] = None
+        self.runs = 0  # eager
+        self.state = "new"  # "new" -> (recorded) "unchecked" -> "checked", or "off"
+
+    def __call__(self, inputs: Sequence[torch.Tensor], eager: Callable[[], Tensors],
+                 record: Optional[Tuple[Sequence[torch.Tensor], Callable[[], Tensors]]] = None) -> Tensors:
+        """The results of ``eager()``, computed by the program where there is one.
+
+        :param inputs: the program's inputs.
+        :param record: the inputs and function to record, if not ``inputs`` and ``eager``.
+        """
+        if self.state == "new" and ENABLED and self.runs >= RECORD_AFTER:
+            self.program = _record(*(record or (inputs, eager)))  # (a run without autograd)
+            self.state = "off" if self.program is None else "unchecked"
+            if self.program is not None:
+                return self._run(inputs, eager)  # at the values it was recorded at: no check
+        if self.program is None:
+            self.runs += 1
+            return eager()
+        if self.state == "unchecked":
+            try:
+                out = self.program(*inputs)
+            except _GuardFailed:
+                return eager()
+            except Exception:  # noqa: BLE001 (a program that fails is dropped; eager says why)
+                self.state, self.program = "off", None
+                return eager()
+            reference = eager()
+            agree = all(_agree(a, b) for a, b in zip(out, reference))
+            self.state, self.program = ("checked", self.program) if agree else ("off", None)
+            return reference
+        return self._run(inputs, eager)
+
+    def _run(self, inputs: Sequence[torch.Tensor], eager: Callable[[], Tensors]) -> Tensors:
+        try:
+            out = self.program(*inputs)
+        except _GuardFailed:
+            return eager()
+        except Exception:  # noqa: BLE001 (inputs moved to another device, say: eager says why)
+            self.state, self.program = "off", None
+            return eager()
+        if not all(bool(torch.isfinite(t).all()) for t in out):
+            return eager()  # the eager run's own error or value
+        return out
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to round-off (the program runs the eager run's operations, in its order)."""
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool((a == b).all())
+    tol = 1e3 * torch.finfo(a.dtype).eps
+    return bool(((a == b) | ((a - b).abs() <= tol * b.abs().clamp_min(1))).all())
 
 
 class BatchQ:
-    """``Q`` of one batch of data, at the param store's current values.
+    """``Q`` of one batch of data, at the param store's current values, replayed once recorded.
 
     :param trace: runs the model on the batch at the current params and returns the packed
         trace (:func:`~pyro_em.estep.trace_model`); called with ``record=True`` for the run that
@@ -57,74 +125,81 @@ class BatchQ:
 
     def __init__(self, trace: Callable[..., Trace], names: List[str], free: List[str]):
         self._trace, self.names, self._free = trace, list(names), set(free)
-        self._program: Optional[Callable[..., torch.Tensor]] = None
-        self._evaluations = 0  # by running the model
-        self._state = "new"  # "new" -> (recorded) "unchecked" -> "checked", or "off"
+        self._replay = _Replay()
+        self._weights: Optional[List[Tuple[str, torch.Size]]] = None  # names and shapes recorded
 
     @property
     def compiled(self) -> bool:
-        """Whether evaluations run the recorded program (checked against the model)."""
-        return self._state == "checked"
+        """Whether evaluations replay the recorded program (checked against the model)."""
+        return self._replay.state == "checked"
 
     def __call__(self, estep: EStep) -> torch.Tensor:
         """``Q`` at the current params under ``estep``'s weights (differentiable in the params)."""
-        if self._state == "new" and ENABLED and self._evaluations >= RECORD_AFTER:
-            self._program = self._record(estep)
-            self._state = "off" if self._program is None else "unchecked"
-            if self._program is not None:  # (at the params it was recorded at)
-                return self._run(estep)
-        if self._state in ("new", "off"):
-            return self.eager(estep)
-        q = self._run(estep)
-        if self._state == "unchecked":  # the first evaluation at other params
-            eager = self.eager(estep)
-            tol = 1e3 * torch.finfo(eager.dtype).eps * max(1.0, abs(float(eager.detach())))
-            if not bool(torch.isfinite(eager)) or abs(float(q.detach()) - float(eager.detach())) > tol:
-                self._state, self._program = "off", None
-                return eager
-            self._state = "checked"
-        if not bool(torch.isfinite(q)):
-            return self.eager(estep)  # the model's own error or value
-        return q
+        store = pyro.get_param_store()
+        weights = [(name, w.shape) for name, w in estep.weights.items()]
+        if self._weights is not None and weights != self._weights:  # the model's structure changed
+            self._replay.state, self._replay.program = "off", None
+        self._weights = weights
+        inputs = [store._params[name] if name in self._free else store._params[name].detach() for name in self.names]
+        inputs += list(estep.weights.values())
+        # The recording reads the store's own tensors, which pyro.module's networks use too.
+        recorded = [store._params[name] for name in self.names] + list(estep.weights.values())
+
+        def record() -> Tensors:
+            with pyro.validation_enabled(False):
+                return (expected_log_joint(estep, self._trace(record=True)),)
+
+        return self._replay(inputs, lambda: (self.eager(estep),), (recorded, record))[0]
 
     def eager(self, estep: EStep) -> torch.Tensor:
         """``Q`` by running the model."""
-        self._evaluations += 1
         return expected_log_joint(estep, self._trace())
 
-    def _inputs(self, estep: EStep) -> Optional[list]:
-        """The program's inputs: the params' unconstrained tensors, then the E-step's weights
-        (``None`` if their shapes are not those it was recorded with)."""
-        store = pyro.get_param_store()
-        weights = [estep.weights[name] for name in self._weight_names]
-        if any(w.shape != s for w, s in zip(weights, self._weight_shapes)):
-            return None
-        return [store._params[name] if name in self._free else store._params[name].detach()
-                for name in self.names] + weights
 
-    def _run(self, estep: EStep) -> torch.Tensor:
-        inputs = self._inputs(estep)
-        if inputs is None:  # the E-step's shapes changed: the model's structure did
-            self._state, self._program = "off", None
-            return self.eager(estep)
-        return self._program(*inputs)
+class StepProgram:
+    """The closed-form stage of a fused chain's EM step (:meth:`~pyro_em.iteration._Iteration.closed_form`),
+    replayed once recorded: the params' unconstrained values in, their new (constrained)
+    values and the log marginal likelihood out.
 
-    def _record(self, estep: EStep) -> Optional[Callable[..., torch.Tensor]]:
-        self._weight_names = list(estep.weights)
-        self._weight_shapes = [estep.weights[name].shape for name in self._weight_names]
-        store = pyro.get_param_store()  # its own tensors, which pyro.module's networks use too
-        inputs = [store._params[name] for name in self.names] + [estep.weights[name] for name in self._weight_names]
-        recorder = _Recorder(inputs)
-        try:
-            with torch.no_grad(), pyro.validation_enabled(False), recorder:
-                q = expected_log_joint(estep, self._trace(record=True))
-            return recorder.compile(q, len(self.names))
-        except Exception:  # noqa: BLE001 (_Unrecordable, or the model fails here: run it instead)
-            return None
+    :param key: settings the stage reads besides its inputs (``reg_covar``, the forward-backward
+        algorithm): a change records it again.
+    """
+
+    def __init__(self, key: tuple):
+        self.key, self._replay, self._names = key, _Replay(), None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps replay the recorded program (checked against an eager step)."""
+        return self._replay.state == "checked"
+
+    def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor]]):
+        """``stage()``'s ``(new values, log Z)``, replayed where recorded."""
+        def eager() -> Tensors:
+            new, log_z = stage()
+            if self._names is None:
+                self._names = list(new)
+            return (*[new[name] for name in self._names], log_z)
+
+        with torch.no_grad():
+            out = self._replay(list(params.values()), eager)
+        return dict(zip(self._names, out[:-1])), out[-1]
 
 
-class _Unrecordable(Exception):
-    """The run cannot be replayed as a program of its tensor operations (see the module docs)."""
+class _GuardFailed(Exception):
+    """A value that Python read in the recorded run came out otherwise: run eagerly."""
+
+
+def _record(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors]) -> Optional[Callable[..., Tensors]]:
+    """The program that computes ``fn()``'s results from ``inputs`` (``None`` where the run
+    cannot be recorded; see the module docs)."""
+    recorder = _Recorder(inputs)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, recorder:
+        warnings.simplefilter("always")
+        out = fn()
+    for w in caught:  # (a warning is a read no program repeats: not recorded)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return None if caught else recorder.compile(out)
 
 
 class _Slot:
@@ -138,14 +213,17 @@ class _Slot:
 
 class _Recorder(TorchDispatchMode):
     """Records the ATen operations that depend on ``inputs``; runs (and keeps the results of)
-    the others as constants."""
+    the others as constants. It never changes what the run computes: where a run cannot be
+    recorded it notes why (:attr:`failed`) and stops recording."""
 
-    def __init__(self, inputs: List[torch.Tensor]):
+    def __init__(self, inputs: Sequence[torch.Tensor]):
         super().__init__()
         self.slots: Dict[int, _Slot] = {}
         self.alive: List[torch.Tensor] = []  # keeps recorded tensors' ids unique
-        self.steps: List[Tuple[Any, tuple, dict, List[_Slot], bool]] = []  # (.., changes an argument)
+        # (operator, args, kwargs, output slots, changes an argument, guard: the bool it gave)
+        self.steps: List[Tuple[Any, tuple, dict, List[_Slot], bool, Optional[bool]]] = []
         self.read: List[Tuple[torch.Tensor, int]] = []  # constants the steps read, with versions
+        self.failed: Optional[str] = None
         self.inputs = [self._new_slot(t) for t in inputs]
 
     @classmethod
@@ -160,9 +238,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.failed is not None:
+            return func(*args, **kwargs)
         if not any(isinstance(a, torch.Tensor) and id(a) in self.slots for a in tree_flatten((args, kwargs))[0]):
             if torch.Tag.nondeterministic_seeded in func.tags:
-                raise _Unrecordable(f"{func} draws random numbers")
+                self.failed = f"{func} draws random numbers"
             return func(*args, **kwargs)  # a constant
 
         def template(value):  # (before the call: an operation that changes a constant is caught)
@@ -176,27 +256,32 @@ class _Recorder(TorchDispatchMode):
 
         step_args, step_kwargs = template(args), {k: template(v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
+        if isinstance(out, bool):  # Python branches on it: a guard
+            self.steps.append((func, step_args, step_kwargs, [], False, out))
+            return out
         outs = tree_flatten(out)[0]
         if not all(isinstance(o, torch.Tensor) for o in outs):
-            raise _Unrecordable(f"{func} gives Python a value computed from the params")
+            self.failed = f"{func} gives Python a number computed from the inputs"
+            return out
         writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
-        self.steps.append((func, step_args, step_kwargs, [self._new_slot(o) for o in outs], writes))
+        self.steps.append((func, step_args, step_kwargs, [self._new_slot(o) for o in outs], writes, None))
         return out
 
-    def compile(self, result: torch.Tensor, n_params: int) -> Optional[Callable[..., torch.Tensor]]:
-        """The recorded program as a function of the inputs, returning ``result``; ``None`` if
-        a param does not reach it."""
-        if any(t._version != v for t, v in self.read):
-            raise _Unrecordable("a constant changed after a recorded operation read it, or by one")
-        if id(result) not in self.slots:
+    def compile(self, results: Tensors) -> Optional[Callable[..., Tensors]]:
+        """The recorded program: the inputs in, ``results`` out (``None`` where the run could
+        not be recorded, or a float input reaches no result: a ``pyro.module`` network computes
+        with its own tensors, not the store's)."""
+        if self.failed is None and any(t._version != v for t, v in self.read):
+            self.failed = "a constant changed after a recorded operation read it, or by one"
+        if self.failed is not None or any(id(r) not in self.slots for r in results):
             return None
-        return _compile(self.steps, self.inputs, self.slots[id(result)], n_params)
+        return _compile(self.steps, self.inputs, [self.slots[id(r)] for r in results], self.alive)
 
 
-def _compile(steps, inputs: List[_Slot], result: _Slot, n_params: int) -> Optional[Callable[..., torch.Tensor]]:
-    """Python source for the steps that ``result`` needs (and every in-place one, whose effect
-    may reach it through a view), compiled: one line per operation, constants and operators
-    bound as globals, each value dropped after its last use."""
+def _compile(steps, inputs: List[_Slot], results: List[_Slot], values: List[torch.Tensor]) -> Optional[Callable[..., Tensors]]:
+    """Python source for the steps that ``results`` need (and every guard and in-place step,
+    whose effect may reach them through a view), compiled: one line per operation, constants
+    and operators bound as globals, each value dropped after its last use."""
     def slots(value):
         if isinstance(value, _Slot):
             yield value.index
@@ -204,16 +289,17 @@ def _compile(steps, inputs: List[_Slot], result: _Slot, n_params: int) -> Option
             for v in value:
                 yield from slots(v)
 
-    needed, kept = {result.index}, []
-    for func, args, kwargs, outs, writes in reversed(steps):
-        if writes or any(o.index in needed for o in outs):
-            kept.append((func, args, kwargs, outs))
+    needed, kept = {r.index for r in results}, []
+    for func, args, kwargs, outs, writes, guard in reversed(steps):
+        if writes or guard is not None or any(o.index in needed for o in outs):
+            kept.append((func, args, kwargs, outs, guard))
             needed.update(slots((args, list(kwargs.values()))))
     kept.reverse()
-    if any(slot.index not in needed for slot in inputs[:n_params]):
-        return None  # a param that does not reach Q through the store
-    last_use = {index: i for i, (_, args, kwargs, _) in enumerate(kept) for index in slots((args, list(kwargs.values())))}
-    names: Dict[str, Any] = {"_flat": lambda out: tree_flatten(out)[0]}
+    if any(slot.index not in needed and values[slot.index].is_floating_point() for slot in inputs):
+        return None
+    last_use = {index: i for i, (_, args, kwargs, _, _) in enumerate(kept) for index in slots((args, list(kwargs.values())))}
+    final = {r.index for r in results}
+    names: Dict[str, Any] = {"_flat": lambda out: tree_flatten(out)[0], "_GuardFailed": _GuardFailed}
 
     def source(value, key: str) -> str:
         if isinstance(value, _Slot):
@@ -225,20 +311,22 @@ def _compile(steps, inputs: List[_Slot], result: _Slot, n_params: int) -> Option
         return key
 
     lines = [f"def program({', '.join(f'v{slot.index}' for slot in inputs)}):"]
-    for i, (func, args, kwargs, outs) in enumerate(kept):
+    for i, (func, args, kwargs, outs, guard) in enumerate(kept):
         names[f"f{i}"] = getattr(func, "_op", func)
-        call = ", ".join([source(a, f"c{i}_{j}") for j, a in enumerate(args)]
-                         + [f"{k}={source(v, f'c{i}_{k}')}" for k, v in kwargs.items()])
+        call = f"f{i}(" + ", ".join([source(a, f"c{i}_{j}") for j, a in enumerate(args)]
+                                    + [f"{k}={source(v, f'c{i}_{k}')}" for k, v in kwargs.items()]) + ")"
         targets = ", ".join(f"v{o.index}" for o in outs)
-        if len(outs) == 1:
-            lines.append(f"    {targets} = f{i}({call})")
+        if guard is not None:
+            lines.append(f"    if {call} != {guard}: raise _GuardFailed")
+        elif len(outs) == 1:
+            lines.append(f"    {targets} = {call}")
         elif outs:
-            lines.append(f"    {targets} = _flat(f{i}({call}))")
+            lines.append(f"    {targets} = _flat({call})")
         else:
-            lines.append(f"    f{i}({call})")
-        dead = [f"v{index}" for index, last in last_use.items() if last == i and index != result.index]
+            lines.append(f"    {call}")
+        dead = [f"v{index}" for index, last in last_use.items() if last == i and index not in final]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
-    lines.append(f"    return v{result.index}")
+    lines.append(f"    return ({', '.join(f'v{r.index}' for r in results)},)")
     exec(compile("\n".join(lines), "<pyro_em.compiled>", "exec"), names)
     return names["program"]

@@ -387,6 +387,11 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
         return parallel_forward_backward(*factors)
     with torch.no_grad():
         fwd = cached if cached is not None else _forward(*factors, algorithm)
+        # A mixture: one step whose transition is the identity (the chain's start is the
+        # mixture weights), which multiplications by A may skip, exactly.
+        K = fwd.probs.shape[-1]
+        mixture = fwd.scales.shape[0] == 1 and fwd.probs.shape[-3:] == (1, K, K) and bool(
+            (compact(fwd.probs) == torch.eye(K, dtype=fwd.probs.dtype, device=fwd.probs.device)).all())
         # betas[t] is p(x[t+1:] | z[t]) divided by the later scales, so alphas[t+1] * betas[t]
         # is the posterior of z[t]; b_beta[t] = b[t] * betas[t] / scales[t], and the loop
         # leaves beta as the posterior weight of z[-1].
@@ -398,9 +403,9 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
             beta = torch.ones_like(fwd.alphas[0])
             step = _steps(fwd.probs.mT, T)  # A^T per step: beta_{t-1} = b_beta_t @ A_t^T
             for t in range(T - 1, -1, -1):
-                beta = _matmul(b_beta[t].mul_(beta), step[t])
+                beta = b_beta[t].mul_(beta) if mixture else _matmul(b_beta[t].mul_(beta), step[t])
         # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1].
-        observation = _propagate(fwd.prev, fwd.probs)
+        observation = fwd.prev if mixture else _propagate(fwd.prev, fwd.probs)
         observation = (observation * b_beta if _broadcast(observation) else observation.mul_(b_beta)).movedim(0, -2)
         prev, b_beta = fwd.prev.movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))

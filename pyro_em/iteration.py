@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 import pyro
 import torch
 
-from . import distributed
+from . import distributed, hmm
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE, FusedChain
 from .closed_form import MStepPlan, estep_parts, solve, summarize, write
-from .compiled import BatchQ
+from .compiled import BatchQ, StepProgram
 from .estep import EStep, enum_symbols
 from .gradient import Objective
 from .hmm import hmm_log_prob
@@ -48,6 +48,7 @@ class PlannedBatch:
     chain: Optional[FusedChain]
     structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
     q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
+    step: Optional[StepProgram] = None  # its closed-form stage, once run without gradient params
 
     @property
     def updates(self) -> MStepPlan:
@@ -205,6 +206,7 @@ class _Iteration:
         self._iterator, self._batches = iterator, batches
         self._kept: List[tuple] = []
         self._rank = distributed.rank()
+        self.rows = planned.rows  # (recounted over the batches by closed_form)
 
     def planned(self, again: bool) -> Iterator[PlannedBatch]:
         """The batches with their plans: the first time from the iterator already begun."""
@@ -237,14 +239,29 @@ class _Iteration:
 
     def run(self) -> Tuple[float, int]:
         em, plan = self.em, self.plan
+        rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
+        if rest or self.first.chain is None or not self.keep or self.online is not None or distributed.active():
+            new, log_z = self.closed_form()
+        else:  # one fused batch, every param in closed form: the stage may be replayed
+            new, log_z = _step_program(em, self.first)(self.params, self.closed_form)
+        loss = float(log_z)
+        write(new)
+        em.stalled = self.gradient_m_step(rest) if rest else []
+        return -loss, self.rows
+
+    def closed_form(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """The closed-form params' new values, stage by stage over the batches, and the log
+        marginal likelihood summed over the batches and processes (a 0-dim tensor). Sets
+        :attr:`rows`, the data points of this process."""
+        em = self.em
         pending, new = list(self.first.updates.closed_form), {}
-        loss, rows, again = None, 0, False
+        loss, again, self._kept, self.rows = None, False, [], 0
         while not again or pending:
             stats, solvers, cut, error = {}, {}, len(pending), None
             try:
                 for pb, parts, log_z, _ in self.weighted(again):
                     if not again:
-                        loss, rows = log_z if loss is None else loss + log_z, rows + pb.rows
+                        loss, self.rows = log_z if loss is None else loss + log_z, self.rows + pb.rows
                     own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, em.reg_covar)
                     cut = min(cut, n)
                     for name in pending[:cut]:
@@ -254,17 +271,14 @@ class _Iteration:
                 error = e
             distributed.check(error)
             if not again:
-                loss = float(distributed.all_reduce(loss.reshape(1))[0])
+                loss = distributed.all_reduce(loss.reshape(1))[0]
             stage = _all_reduce_stats({name: stats[name] for name in pending[:cut]})
             if self.online is not None:
                 stage = self.online.blend(stage)
             for name, s in stage.items():
                 new[name] = solve(name, s, solvers[name])
             pending, again = pending[cut:], True
-        write(new)
-        rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
-        em.stalled = self.gradient_m_step(rest) if rest else []
-        return -loss, rows
+        return new, loss
 
     def gradient_m_step(self, rest: Dict[str, torch.Tensor]) -> List[str]:
         """Maximize ``Q`` over the params without a closed form, one piece per batch."""
@@ -299,6 +313,15 @@ class _Pieces:
                 return _batch_q(em, pb)(estep)
 
             yield piece
+
+
+def _step_program(em: "EM", pb: PlannedBatch) -> StepProgram:
+    """The batch's recorded closed-form stage (see :mod:`pyro_em.compiled`), new where a
+    setting it reads has changed."""
+    key = (em.reg_covar, hmm.ALGORITHM)
+    if pb.step is None or pb.step.key != key:
+        pb.step = StepProgram(key)
+    return pb.step
 
 
 def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:

@@ -232,8 +232,8 @@ def check_bounded(counts: torch.Tensor) -> torch.Tensor:
 
     :raises UnboundedMAP: if a count is negative beyond round-off.
     """
-    tol = 64 * torch.finfo(counts.dtype).eps * float(counts.abs().max().clamp_min(1))
-    if bool((counts < -tol).any()):
+    tol = 64 * torch.finfo(counts.dtype).eps * counts.abs().max().clamp_min(1)
+    if bool((counts < -tol).any()):  # (one boolean read: a recorded step guards it)
         raise UnboundedMAP()
     return counts.clamp_min(0)
 

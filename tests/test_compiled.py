@@ -1,5 +1,6 @@
-"""The recorded ``Q`` (pyro_em.compiled): the gradient M-step gives the iterates of the model
-run every time, on Pyro's own examples; models it cannot replay faithfully keep running."""
+"""Recorded programs (pyro_em.compiled): the gradient M-step with a replayed ``Q``, and fused
+chains with a replayed closed-form stage, give the iterates of the eager runs (Pyro's own
+examples, scikit-learn's problems); what cannot be replayed faithfully keeps running eagerly."""
 
 import warnings
 
@@ -14,9 +15,9 @@ import pyro_models as M
 from pyro_em import EM
 
 
-def fit(make, args, steps, enabled, **options):
+def fit(make, args, steps, enabled, which="q", **options):
     """Params after ``steps`` EM steps of the model ``make()`` with the recording on or off,
-    and each batch's state."""
+    and the state of each batch's recorded ``which`` (``"q"`` or ``"step"``)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     old, compiled.ENABLED = compiled.ENABLED, enabled
@@ -28,15 +29,15 @@ def fit(make, args, steps, enabled, **options):
     finally:
         compiled.ENABLED = old
     params = {name: p.detach().clone() for name, p in pyro.get_param_store().items()}
-    states = [pb.q._state for pb in em._plans._entries.values() if pb.q is not None]
-    return params, losses, states
+    recorded = [getattr(pb, which) for pb in em._plans._entries.values()]
+    return params, losses, [r._replay.state for r in recorded if r is not None]
 
 
-def assert_same_fit(make, args, steps, state, **options):
-    """The recorded Q reaches ``state`` and the iterates equal those of the model run every
-    time (the program runs the same operations in the same order: equal to round-off)."""
-    eager, eager_losses, _ = fit(make, args, steps, False, **options)
-    recorded, losses, states = fit(make, args, steps, True, **options)
+def assert_same_fit(make, args, steps, state, which="q", **options):
+    """The recorded computation reaches ``state`` and the iterates equal the eager ones (the
+    program runs the same operations in the same order: equal to round-off)."""
+    eager, eager_losses, _ = fit(make, args, steps, False, which, **options)
+    recorded, losses, states = fit(make, args, steps, True, which, **options)
     assert states == [state]
     assert losses == pytest.approx(eager_losses, rel=1e-12, abs=0)
     for name, value in eager.items():
@@ -117,9 +118,9 @@ def test_a_program_that_disagrees_with_the_model_is_dropped(monkeypatch):
     that adds 1 to Q) is dropped, and the fit is the model's."""
     record = compiled._Recorder.compile
 
-    def wrong(self, q, n_params):
-        program = record(self, q, n_params)
-        return lambda *inputs: program(*inputs) + 1.0
+    def wrong(self, results):
+        program = record(self, results)
+        return lambda *inputs: tuple(r + 1.0 for r in program(*inputs))
 
     monkeypatch.setattr(compiled._Recorder, "compile", wrong)
     model, args = regression(lambda b: b)
@@ -131,3 +132,78 @@ def test_float32():
     torch.set_default_dtype(torch.float32)
     assert_same_fit(lambda: model, (x.float(), y.float()), 6, "checked")
     assert pyro.param("b").dtype == torch.float32
+
+
+def bernoulli_mixture(images):
+    weights = pyro.param("weights", torch.ones(4) / 4, constraint=constraints.simplex)
+    templates = pyro.param("templates", torch.linspace(0.3, 0.7, 4 * 64).reshape(4, 64),
+                           constraint=constraints.unit_interval)
+    with pyro.plate("images", len(images)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Bernoulli(templates[z]).to_event(1), obs=images)
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    return (torch.as_tensor(load_digits().data[:300]) > 7).double()
+
+
+def gmm(cov_type):
+    from test_sklearn_parity import initial_covariances, make_problem, pyro_gmm
+
+    X, weights, means = make_problem()
+    return pyro_gmm(cov_type, weights, means, initial_covariances(cov_type)), X
+
+
+def test_closed_form_steps_replay_on_mixtures():
+    """The digits Bernoulli mixture and scikit-learn's full-covariance problem: the fused
+    closed-form stage replays with the eager iterates (reg_covar as scikit-learn's)."""
+    assert_same_fit(lambda: bernoulli_mixture, (digits(),), 8, "checked", "step")
+    model, X = gmm("full")
+    assert_same_fit(lambda: model, (X,), 8, "checked", "step", reg_covar=1e-3)
+
+
+def test_closed_form_steps_replay_on_pyro_hmms():
+    """examples/hmm.py's model 1 (pyro.markov, sequences that end), with its Dirichlet and
+    Beta priors: MAP pseudo-counts in the replayed solves."""
+    seq, lengths, args = M.polyphonic(num_sequences=8, max_length=12)
+    assert_same_fit(lambda: M.hmm_1, (seq, lengths, args), 8, "checked", "step",
+                    max_plate_nesting=2, map_space="unconstrained")
+
+
+def test_a_changed_setting_records_again():
+    """reg_covar enters the recorded solves as a number: changing it between steps gives the
+    eager step at the new value."""
+    model, X = gmm("full")
+    runs = {}
+    for enabled in (False, True):
+        pyro.clear_param_store()
+        old, compiled.ENABLED = compiled.ENABLED, enabled
+        try:
+            em = EM(model, reg_covar=1e-3)
+            for _ in range(5):
+                em.step(X)
+            em.reg_covar = 0.5
+            runs[enabled] = [em.step(X) for _ in range(3)], pyro.param("scale_tril").detach().clone()
+        finally:
+            compiled.ENABLED = old
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_guard_that_fails_runs_eagerly():
+    """A boolean that Python read in the recorded run is a guard: where it comes out
+    otherwise, the replay stops and the call runs eagerly."""
+
+    def f(x):
+        return (x * 2 if bool((x > 0).all()) else x * 3,)
+
+    replay = compiled._Replay()
+    for x in [torch.ones(3), torch.ones(3) * 2, torch.ones(3) * 3, torch.ones(3) * 4]:
+        assert torch.equal(replay([x], lambda: f(x))[0], x * 2)
+    assert replay.state == "checked"
+    x = -torch.ones(3)
+    assert torch.equal(replay([x], lambda: f(x))[0], x * 3)
+    with pytest.raises(compiled._GuardFailed):
+        replay.program(x)
