@@ -92,7 +92,7 @@ class FusedChain:
         emission = parts[0] if len(parts) == 1 else JointEmission(parts)
         if self.active is not None:
             emission = emission.expand((S, T, K)).mask(self.active[..., None])
-        return dist.DiscreteHMM(start, transitions, emission)
+        return dist.DiscreteHMM(start, transitions, emission, validate_args=False)  # (built from params)
 
     def parts(self, fn: dist.DiscreteHMM, weight: torch.Tensor) -> Dict[str, tuple]:
         """The weighted parts of the chain (see :func:`~pyro_em.closed_form.components`), its

@@ -375,7 +375,7 @@ def summarize(
         # A rule works in its argument's space: the param maps there and back (e.g. a simplex
         # param used as logits=probs.log()).
         maps = next((u.maps for u in uses if type(u.rule).solve is not Rule.solve), ())
-        numel = store[name].numel()
+        numel = store._params[name].numel()
         unsolved = set(names[:i])
         own: Dict[str, torch.Tensor] = {}
         solver, prior = None, None
@@ -433,7 +433,7 @@ def write(new: Dict[str, torch.Tensor]) -> None:
                     f"The closed-form update of param '{name}' is not finite or leaves its "
                     "constraint; check the data and the model around it."
                 )
-            store[name].unconstrained().copy_(unconstrained)
+            store._params[name].copy_(unconstrained)
 
 
 class _Unsolved(Exception):

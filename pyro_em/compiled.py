@@ -54,7 +54,8 @@ class _Replay:
     recorded, compared with an eager run at its first replay, then replayed; dropped for good
     where it cannot be recorded or disagrees."""
 
-    def __init__(self):
+    def __init__(self, finite: bool = True):
+        self.finite = finite  # recompute non-finite results eagerly
         self.program: Optional[Callable[..., Tensors]] = None
         self.runs = 0  # eager
         self.state = "new"  # "new" -> (recorded) "unchecked" -> "checked", or "off"
@@ -96,7 +97,7 @@ class _Replay:
         except Exception:  # noqa: BLE001 (inputs moved to another device, say: eager says why)
             self.state, self.program = "off", None
             return eager()
-        if not all(bool(torch.isfinite(t).all()) for t in out):
+        if self.finite and not all(bool(torch.isfinite(t).all()) for t in out):
             return eager()  # the eager run's own error or value
         return out
 
@@ -166,7 +167,8 @@ class StepProgram:
     """
 
     def __init__(self, key: tuple):
-        self.key, self._replay, self._names = key, _Replay(), None
+        # (no finiteness check: the recorded stage guards its log Z, and write() its values)
+        self.key, self._replay, self._names = key, _Replay(finite=False), None
 
     @property
     def compiled(self) -> bool:

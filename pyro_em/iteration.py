@@ -170,7 +170,7 @@ def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online]
             error = e
         distributed.check(error)
         distributed.broadcast_params(planned.plan.params)
-        params = {name: store[name].unconstrained() for name in planned.plan.params}
+        params = {name: store._params[name] for name in planned.plan.params}  # (unconstrained leaves)
         with _transaction(params):
             result = _Iteration(em, planned, iterator, batches, params, keep, online, cache).run()
         distributed.broadcast_params(planned.plan.params)

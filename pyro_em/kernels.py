@@ -244,14 +244,16 @@ def _independent_log_prob(fn: td.Independent, value: torch.Tensor) -> Optional[t
     params, batch, comp_last = laid
     dtype = torch.promote_types(params[0].dtype, value.dtype) if value.is_floating_point() else params[0].dtype
     params = [p.to(dtype) for p in params]
-    X = value.reshape(-1, D).to(dtype)
-    join = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, -1)  # noqa: E731
-    eta = join(natural(*params))  # (components, m D)
-    T = join(stats(X))  # (data, m D)
-    result = torch.addmm(-normalizer(*params).sum(-1), T, eta.T)  # (data, components)
+    # Over the data's columns (a feature-major copy, kept while the data lives): one long
+    # row per component, twice as fast as one short row per datum.
+    Xt = feature_major(value.reshape(-1, D)).to(dtype)  # (D, data)
+    join = lambda ts, dim: ts[0] if len(ts) == 1 else torch.cat(ts, dim)  # noqa: E731
+    eta = join(natural(*params), -1)  # (components, m D)
+    Tt = join(stats(Xt), 0)  # (m D, data)
+    result = torch.addmm(-normalizer(*params).sum(-1, keepdim=True), eta, Tt)  # (components, data)
     if base_measure is not None:
-        result = result + base_measure(X).sum(-1, keepdim=True)
-    return (result if comp_last else result.T).reshape(batch)
+        result = result + base_measure(Xt).sum(0)
+    return (result.T if comp_last else result).reshape(batch)
 
 
 def _expanded_log_prob(fn: ExpandedDistribution, value: torch.Tensor) -> torch.Tensor:
