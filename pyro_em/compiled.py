@@ -30,6 +30,7 @@ A computation is recorded after :data:`RECORD_AFTER` eager runs. Set :data:`ENAB
 """
 
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyro
@@ -220,8 +221,9 @@ class _Recorder(TorchDispatchMode):
 
     def __init__(self, inputs: Sequence[torch.Tensor]):
         super().__init__()
-        self.slots: Dict[int, _Slot] = {}
-        self.alive: List[torch.Tensor] = []  # keeps recorded tensors' ids unique
+        self.slots: Dict[int, _Slot] = {}  # by id() of the recorded tensors alive
+        self.refs: List[weakref.ref] = []  # by slot: each tensor's weak reference
+        self.died: Dict[int, int] = {}  # slot -> steps recorded when its tensor was freed
         # (operator, args, kwargs, output slots, changes an argument, guard: the bool it gave)
         self.steps: List[Tuple[Any, tuple, dict, List[_Slot], bool, Optional[bool]]] = []
         self.read: List[Tuple[torch.Tensor, int]] = []  # constants the steps read, with versions
@@ -233,9 +235,15 @@ class _Recorder(TorchDispatchMode):
         return False  # nothing here runs under torch.compile: spare the import of torch._dynamo (1 s)
 
     def _new_slot(self, t: torch.Tensor) -> _Slot:
-        slot = _Slot(len(self.alive))
-        self.slots[id(t)] = slot
-        self.alive.append(t)
+        slot, key = _Slot(len(self.refs)), id(t)
+
+        def freed(_, self=self):  # (the run drops it here: so will the program)
+            self.died[slot.index] = len(self.steps)
+            if self.slots.get(key) is slot:
+                del self.slots[key]
+
+        self.slots[key] = slot
+        self.refs.append(weakref.ref(t, freed))
         return slot
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -277,13 +285,16 @@ class _Recorder(TorchDispatchMode):
             self.failed = "a constant changed after a recorded operation read it, or by one"
         if self.failed is not None or any(id(r) not in self.slots for r in results):
             return None
-        return _compile(self.steps, self.inputs, [self.slots[id(r)] for r in results], self.alive)
+        floats = [slot for slot, t in zip(self.inputs, (r() for r in self.refs)) if t is not None and t.is_floating_point()]
+        return _compile(self.steps, floats, self.inputs, [self.slots[id(r)] for r in results], self.died)
 
 
-def _compile(steps, inputs: List[_Slot], results: List[_Slot], values: List[torch.Tensor]) -> Optional[Callable[..., Tensors]]:
+def _compile(steps, floats: List[_Slot], inputs: List[_Slot], results: List[_Slot], died: Dict[int, int]) -> Optional[Callable[..., Tensors]]:
     """Python source for the steps that ``results`` need (and every guard and in-place step,
     whose effect may reach them through a view), compiled: one line per operation, constants
-    and operators bound as globals, each value dropped after its last use."""
+    and operators bound as globals, each value dropped where the recorded run dropped it
+    (``died``: slot -> steps recorded by then), so memory is allocated and freed as there.
+    ``None`` if an input among ``floats`` reaches no result."""
     def slots(value):
         if isinstance(value, _Slot):
             yield value.index
@@ -292,14 +303,23 @@ def _compile(steps, inputs: List[_Slot], results: List[_Slot], values: List[torc
                 yield from slots(v)
 
     needed, kept = {r.index for r in results}, []
-    for func, args, kwargs, outs, writes, guard in reversed(steps):
+    for position in range(len(steps) - 1, -1, -1):
+        func, args, kwargs, outs, writes, guard = steps[position]
         if writes or guard is not None or any(o.index in needed for o in outs):
-            kept.append((func, args, kwargs, outs, guard))
+            kept.append((position, func, args, kwargs, outs, guard))
             needed.update(slots((args, list(kwargs.values()))))
     kept.reverse()
-    if any(slot.index not in needed and values[slot.index].is_floating_point() for slot in inputs):
+    if any(slot.index not in needed for slot in floats):
         return None
-    last_use = {index: i for i, (_, args, kwargs, _, _) in enumerate(kept) for index in slots((args, list(kwargs.values())))}
+    # Drop a value after the last step kept before the recorded run dropped it, and not
+    # before its last use; values the run kept to its end live to the program's.
+    drop: Dict[int, List[int]] = {}
+    last_use = {index: i for i, (_, _, args, kwargs, _, _) in enumerate(kept) for index in slots((args, list(kwargs.values())))}
+    made = {o.index for step in kept for o in step[4]}
+    for index, at in died.items():
+        if index in made or index in last_use:
+            before = [i for i, step in enumerate(kept) if step[0] < at]
+            drop.setdefault(max(before[-1] if before else 0, last_use.get(index, 0)), []).append(index)
     final = {r.index for r in results}
     names: Dict[str, Any] = {"_flat": lambda out: tree_flatten(out)[0], "_GuardFailed": _GuardFailed}
 
@@ -313,7 +333,7 @@ def _compile(steps, inputs: List[_Slot], results: List[_Slot], values: List[torc
         return key
 
     lines = [f"def program({', '.join(f'v{slot.index}' for slot in inputs)}):"]
-    for i, (func, args, kwargs, outs, guard) in enumerate(kept):
+    for i, (_, func, args, kwargs, outs, guard) in enumerate(kept):
         names[f"f{i}"] = getattr(func, "_op", func)
         call = f"f{i}(" + ", ".join([source(a, f"c{i}_{j}") for j, a in enumerate(args)]
                                     + [f"{k}={source(v, f'c{i}_{k}')}" for k, v in kwargs.items()]) + ")"
@@ -326,7 +346,7 @@ def _compile(steps, inputs: List[_Slot], results: List[_Slot], values: List[torc
             lines.append(f"    {targets} = _flat({call})")
         else:
             lines.append(f"    {call}")
-        dead = [f"v{index}" for index, last in last_use.items() if last == i and index not in final]
+        dead = [f"v{index}" for index in drop.get(i, ()) if index not in final]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     lines.append(f"    return ({', '.join(f'v{r.index}' for r in results)},)")
