@@ -21,14 +21,15 @@ A program is only as good as the run it was recorded from, so:
   other read (``.item()`` of a number, ``float(...)``), a random draw, a warning, or a
   constant changed in place by a recorded operation or after one read it, leave the
   computation unrecorded (it keeps running eagerly);
-* the first replay is compared with an eager run, and must agree to round-off, else the
-  program is dropped for good;
+* the first replay is compared with an eager run: it must agree to round-off, and take less
+  time, else the program is dropped for good;
 * a non-finite result is recomputed eagerly, so errors keep naming their site.
 
 A computation is recorded after :data:`RECORD_AFTER` eager runs. Set :data:`ENABLED` to
 ``False`` to run everything eagerly.
 """
 
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -43,6 +44,9 @@ from .estep import EStep, expected_log_joint
 
 #: Record and replay (see the module docs); ``False``: run everything eagerly.
 ENABLED = True
+#: Keep a program only if its first replay took less time than the eager run it is checked
+#: against (``False``: keep every program that agrees, timing aside).
+FASTER_ONLY = True
 #: Eager runs of a computation before it is recorded (a recording costs about two runs, and
 #: is checked by a third).
 RECORD_AFTER = 2
@@ -77,6 +81,7 @@ class _Replay:
             self.runs += 1
             return eager()
         if self.state == "unchecked":
+            start = time.perf_counter()
             try:
                 out = self.program(*inputs)
             except _GuardFailed:
@@ -84,9 +89,13 @@ class _Replay:
             except Exception:  # noqa: BLE001 (a program that fails is dropped; eager says why)
                 self.state, self.program = "off", None
                 return eager()
+            middle = time.perf_counter()
             reference = eager()
-            agree = all(_agree(a, b) for a, b in zip(out, reference))
-            self.state, self.program = ("checked", self.program) if agree else ("off", None)
+            # Kept if it agrees, and is faster (where Python's overhead is small beside the
+            # operations, as in a long HMM's thousands of small ones, it need not be).
+            faster = middle - start < time.perf_counter() - middle or not FASTER_ONLY
+            keep = faster and all(_agree(a, b) for a, b in zip(out, reference))
+            self.state, self.program = ("checked", self.program) if keep else ("off", None)
             return reference
         return self._run(inputs, eager)
 
@@ -224,6 +233,8 @@ class _Recorder(TorchDispatchMode):
         self.slots: Dict[int, _Slot] = {}  # by id() of the recorded tensors alive
         self.refs: List[weakref.ref] = []  # by slot: each tensor's weak reference
         self.died: Dict[int, int] = {}  # slot -> steps recorded when its tensor was freed
+        self.promoted: Dict[int, _Slot] = {}  # id of a constant buffer written by the program
+        self.keep: List[torch.Tensor] = []
         # (operator, args, kwargs, output slots, changes an argument, guard: the bool it gave)
         self.steps: List[Tuple[Any, tuple, dict, List[_Slot], bool, Optional[bool]]] = []
         self.read: List[Tuple[torch.Tensor, int]] = []  # constants the steps read, with versions
@@ -246,6 +257,28 @@ class _Recorder(TorchDispatchMode):
         self.refs.append(weakref.ref(t, freed))
         return slot
 
+    def _promote(self, t: torch.Tensor) -> None:
+        """A constant (a buffer made by a factory, say) that a recorded operation writes into:
+        the program makes its own copy of it, as it is now, and its views read that copy."""
+        base = t if t._base is None else t._base
+        if id(base) in self.slots or id(base) in self.promoted:
+            return
+        if not base.is_contiguous():
+            self.failed = "a recorded operation writes into a constant that is not contiguous"
+            return
+        snapshot = base.clone()
+        self.promoted[id(base)] = slot = self._new_slot(base)
+        self.keep.append(base)  # (its id must stay its own)
+        self.steps.append((torch.ops.aten.clone.default, (snapshot,), {}, [slot], False, None))
+
+    def _view(self, view: torch.Tensor, base: _Slot) -> _Slot:
+        """``view`` of a promoted buffer, made from the program's copy of it."""
+        offset = view.storage_offset() - (view if view._base is None else view._base).storage_offset()
+        args = (base, tuple(view.shape), tuple(view.stride()), offset)
+        slot = self._new_slot(view)
+        self.steps.append((torch.ops.aten.as_strided.default, args, {}, [slot], False, None))
+        return slot
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.failed is not None:
@@ -255,10 +288,18 @@ class _Recorder(TorchDispatchMode):
                 self.failed = f"{func} draws random numbers"
             return func(*args, **kwargs)  # a constant
 
+        for i, arg in enumerate(func._schema.arguments):  # a constant buffer written here
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                self._promote(value)
+
         def template(value):  # (before the call: an operation that changes a constant is caught)
             if isinstance(value, torch.Tensor):
                 if id(value) in self.slots:
                     return self.slots[id(value)]
+                base = value if value._base is None else value._base
+                if id(base) in self.promoted:  # a view of a buffer the program makes
+                    return self._view(value, self.promoted[id(base)])
                 self.read.append((value, value._version))
             elif isinstance(value, (list, tuple)):
                 return type(value)(template(v) for v in value)

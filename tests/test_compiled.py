@@ -2,6 +2,7 @@
 chains with a replayed closed-form stage, give the iterates of the eager runs (Pyro's own
 examples, scikit-learn's problems); what cannot be replayed faithfully keeps running eagerly."""
 
+import time
 import warnings
 
 import pyro
@@ -21,13 +22,14 @@ def fit(make, args, steps, enabled, which="q", **options):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     old, compiled.ENABLED = compiled.ENABLED, enabled
+    faster_only, compiled.FASTER_ONLY = compiled.FASTER_ONLY, False  # (states that do not hang on timing)
     try:
         em = EM(make(), **options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             losses = [em.step(*args) for _ in range(steps)]
     finally:
-        compiled.ENABLED = old
+        compiled.ENABLED, compiled.FASTER_ONLY = old, faster_only
     params = {name: p.detach().clone() for name, p in pyro.get_param_store().items()}
     recorded = [getattr(pb, which) for pb in em._plans._entries.values()]
     return params, losses, [r._replay.state for r in recorded if r is not None]
@@ -82,9 +84,9 @@ def regression(read):
     return model, (x, y)
 
 
-def _mutated(b):
+def _buffer(b):
     out = torch.zeros(2)
-    out += b  # a constant changed in place by a recorded operation (replays would accumulate)
+    out += b  # a buffer written by a recorded operation: each replay writes into a fresh copy
     return out
 
 
@@ -105,7 +107,7 @@ def _view_changed(b):
     (lambda b: b, "checked"),
     (_view_changed, "checked"),
     (lambda b: b if float(b.sum()) < 100 else -b, "off"),  # Python reads a param's value
-    (_mutated, "off"),
+    (_buffer, "checked"),
     (_read_late, "off"),
 ])
 def test_python_reading_values(read, state):
@@ -172,6 +174,27 @@ def test_closed_form_steps_replay_on_pyro_hmms():
                     max_plate_nesting=2, map_space="unconstrained")
 
 
+def test_closed_form_steps_replay_on_long_chains():
+    """A pyro.markov HMM long enough for the blocked forward-backward, whose buffers (an
+    identity-padded stack of transitions) are made by factories and written by recorded
+    operations: each replay writes into fresh copies."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(5, (4, 150), generator=g)
+    emit0 = torch.rand(3, 5, generator=g) + 0.5
+
+    def model(X):
+        start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.eye(3) * 0.5 + 1 / 6, constraint=constraints.simplex)
+        emit = pyro.param("emit", emit0, constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0]):
+            z = None
+            for t in pyro.markov(range(X.shape[1])):
+                z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+    assert_same_fit(lambda: model, (X,), 6, "checked", "step")
+
+
 def test_a_changed_setting_records_again():
     """reg_covar enters the recorded solves as a number: changing it between steps gives the
     eager step at the new value."""
@@ -192,13 +215,35 @@ def test_a_changed_setting_records_again():
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-10, atol=1e-12)
 
 
-def test_a_guard_that_fails_runs_eagerly():
+def test_a_program_slower_than_the_eager_run_is_dropped(monkeypatch):
+    """Where Python's overhead is small beside the operations, a program need not be faster
+    than the eager run: the first replay is timed against it, and a slower one dropped."""
+    record = compiled._Recorder.compile
+
+    def slow(self, results):
+        program = record(self, results)
+
+        def run(*inputs):
+            time.sleep(0.05)
+            return program(*inputs)
+
+        return run
+
+    monkeypatch.setattr(compiled._Recorder, "compile", slow)
+    replay = compiled._Replay()
+    for x in [torch.ones(3) * (i + 1) for i in range(5)]:
+        assert torch.equal(replay([x], lambda: (x * 2,))[0], x * 2)
+    assert replay.state == "off"
+
+
+def test_a_guard_that_fails_runs_eagerly(monkeypatch):
     """A boolean that Python read in the recorded run is a guard: where it comes out
     otherwise, the replay stops and the call runs eagerly."""
 
     def f(x):
         return (x * 2 if bool((x > 0).all()) else x * 3,)
 
+    monkeypatch.setattr(compiled, "FASTER_ONLY", False)
     replay = compiled._Replay()
     for x in [torch.ones(3), torch.ones(3) * 2, torch.ones(3) * 3, torch.ones(3) * 4]:
         assert torch.equal(replay([x], lambda: f(x))[0], x * 2)
