@@ -315,7 +315,8 @@ class _Recorder(TorchDispatchMode):
             self.failed = f"{func} gives Python a number computed from the inputs"
             return out
         writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
-        self.steps.append((func, step_args, step_kwargs, [self._new_slot(o) for o in outs], writes, None))
+        call = func if writes else _binding(func, args, kwargs, outs)
+        self.steps.append((call, step_args, step_kwargs, [self._new_slot(o) for o in outs], writes, None))
         return out
 
     def compile(self, results: Tensors) -> Optional[Callable[..., Tensors]]:
@@ -328,6 +329,25 @@ class _Recorder(TorchDispatchMode):
             return None
         floats = [slot for slot, t in zip(self.inputs, (r() for r in self.refs)) if t is not None and t.is_floating_point()]
         return _compile(self.steps, floats, self.inputs, [self.slots[id(r)] for r in results], self.died)
+
+
+def _binding(func, args: tuple, kwargs: dict, outs: List[torch.Tensor]) -> Callable:
+    """``func``'s Python binding (``torch.sum`` for ``aten.sum.dim_IntList``, ``Tensor.view``),
+    which calls it with less overhead than the operator itself (0.3 to 1 us of 2 to 4), if it
+    gives the same results on the recorded arguments; else ``func``."""
+    name = func._schema.name.split("::")[-1]
+    binding = getattr(torch, name, None) or getattr(torch.Tensor, name, None)
+    if not callable(binding):
+        return func
+    try:
+        alternative = tree_flatten(binding(*args, **kwargs))[0]
+    except Exception:  # noqa: BLE001 (another signature)
+        return func
+    same = len(alternative) == len(outs) and all(
+        isinstance(a, torch.Tensor) and a.shape == o.shape and a.stride() == o.stride() and a.dtype == o.dtype
+        and a.device == o.device and (a.data_ptr() == o.data_ptr() or (a._base is None and torch.equal(a, o)))
+        for a, o in zip(alternative, outs))
+    return binding if same else func
 
 
 def _compile(steps, floats: List[_Slot], inputs: List[_Slot], results: List[_Slot], died: Dict[int, int]) -> Optional[Callable[..., Tensors]]:
