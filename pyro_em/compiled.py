@@ -19,11 +19,14 @@ A program is only as good as the run it was recorded from, so:
 * Python's reads of values computed from the inputs become *guards*: a boolean (an ``if``
   on ``(x > 0).all()``, a check) must come out as it did, else that call runs eagerly; any
   other read (``.item()`` of a number, ``float(...)``), a random draw, a warning, or a
-  constant changed in place by a recorded operation or after one read it, leave the
-  computation unrecorded (it keeps running eagerly);
+  constant changed after a recorded operation read it, leave the computation unrecorded (it
+  keeps running eagerly). A constant buffer that a recorded operation writes into (a
+  factory's zeros) is copied as it was, and each replay writes into a fresh copy;
 * the first replay is compared with an eager run: it must agree to round-off, and take less
   time, else the program is dropped for good;
-* a non-finite result is recomputed eagerly, so errors keep naming their site.
+* a non-finite result is recomputed eagerly, so errors keep naming their site;
+* values are freed where the recorded run freed them, so a replay allocates memory as the
+  eager run does (no page faults that the eager run's reuse of freed blocks avoids).
 
 A computation is recorded after :data:`RECORD_AFTER` eager runs. Set :data:`ENABLED` to
 ``False`` to run everything eagerly.
@@ -57,7 +60,7 @@ Tensors = Tuple[torch.Tensor, ...]
 class _Replay:
     """The life of one recorded computation: run eagerly :data:`RECORD_AFTER` times, then
     recorded, compared with an eager run at its first replay, then replayed; dropped for good
-    where it cannot be recorded or disagrees."""
+    where it cannot be recorded, disagrees or is slower."""
 
     def __init__(self, finite: bool = True):
         self.finite = finite  # recompute non-finite results eagerly
@@ -206,11 +209,13 @@ def _record(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors]) -> Option
     """The program that computes ``fn()``'s results from ``inputs`` (``None`` where the run
     cannot be recorded; see the module docs)."""
     recorder = _Recorder(inputs)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, recorder:
-        warnings.simplefilter("always")
-        out = fn()
-    for w in caught:  # (a warning is a read no program repeats: not recorded)
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught, recorder:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        for w in caught:  # (a warning is a read no program repeats: not recorded)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return None if caught else recorder.compile(out)
 
 
