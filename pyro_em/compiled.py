@@ -11,8 +11,9 @@ Autograd differentiates it as any tensor code. Two computations are recorded:
 * :class:`BatchQ`: a batch's ``Q = sum_f <w_f, log f>`` (:func:`~pyro_em.estep.expected_log_joint`),
   which the gradient M-step evaluates several times a step, from the params' unconstrained
   values and the E-step's weights (recorded with Pyro's own ``log_prob`` and no validation);
-* :class:`StepProgram`: a fused chain's closed-form stage (forward-backward, statistics,
-  solves), from the params to their new values and the loss.
+* :class:`StepProgram`: the closed-form stage of a step on one batch (the E-step, be it a
+  fused chain's forward-backward or the traced model's enumeration and backward pass, the
+  statistics, the solves), from the params to their new values and the loss.
 
 A program is only as good as the run it was recorded from, so:
 
@@ -28,8 +29,8 @@ A program is only as good as the run it was recorded from, so:
 * values are freed where the recorded run freed them, so a replay allocates memory as the
   eager run does (no page faults that the eager run's reuse of freed blocks avoids).
 
-A computation is recorded after :data:`RECORD_AFTER` eager runs. Set :data:`ENABLED` to
-``False`` to run everything eagerly.
+A computation is recorded after :data:`RECORD_AFTER` eager runs (a traced stage after
+:data:`RECORD_TRACED_AFTER`). Set :data:`ENABLED` to ``False`` to run everything eagerly.
 """
 
 import time
@@ -53,6 +54,10 @@ FASTER_ONLY = True
 #: Eager runs of a computation before it is recorded (a recording costs about two runs, and
 #: is checked by a third).
 RECORD_AFTER = 2
+#: The same for a closed-form stage that traces the model (not a fused chain): its recording
+#: runs the model, the enumeration and the E-step's backward pass under the recorder, which
+#: costs tens of eager runs, worth it for a fit, not for a few steps.
+RECORD_TRACED_AFTER = 20
 
 Tensors = Tuple[torch.Tensor, ...]
 
@@ -62,8 +67,9 @@ class _Replay:
     recorded, compared with an eager run at its first replay, then replayed; dropped for good
     where it cannot be recorded, disagrees or is slower."""
 
-    def __init__(self, finite: bool = True):
+    def __init__(self, finite: bool = True, after: Optional[int] = None):
         self.finite = finite  # recompute non-finite results eagerly
+        self.after = after  # eager runs before the recording (default RECORD_AFTER)
         self.program: Optional[Callable[..., Tensors]] = None
         self.runs = 0  # eager
         self.state = "new"  # "new" -> (recorded) "unchecked" -> "checked", or "off"
@@ -75,7 +81,7 @@ class _Replay:
         :param inputs: the program's inputs.
         :param record: the inputs and function to record, if not ``inputs`` and ``eager``.
         """
-        if self.state == "new" and ENABLED and self.runs >= RECORD_AFTER:
+        if self.state == "new" and ENABLED and self.runs >= (RECORD_AFTER if self.after is None else self.after):
             self.program = _record(*(record or (inputs, eager)))  # (a run without autograd)
             self.state = "off" if self.program is None else "unchecked"
             if self.program is not None:
@@ -171,17 +177,20 @@ class BatchQ:
 
 
 class StepProgram:
-    """The closed-form stage of a fused chain's EM step (:meth:`~pyro_em.iteration._Iteration.closed_form`),
-    replayed once recorded: the params' unconstrained values in, their new (constrained)
-    values and the log marginal likelihood out.
+    """The closed-form stage of an EM step on one batch (E-step, statistics, solves; see
+    ``_Iteration.closed_form``), replayed once recorded: the params' unconstrained values in,
+    their new (constrained) values and the log marginal likelihood out.
 
     :param key: settings the stage reads besides its inputs (``reg_covar``, the forward-backward
         algorithm): a change records it again.
+    :param traced: the stage traces the model (not a fused chain): recorded after
+        :data:`RECORD_TRACED_AFTER` eager steps.
     """
 
-    def __init__(self, key: tuple):
+    def __init__(self, key: tuple, traced: bool = False):
         # (no finiteness check: the recorded stage guards its log Z, and write() its values)
-        self.key, self._replay, self._names = key, _Replay(finite=False), None
+        self.key, self._names = key, None
+        self._replay = _Replay(finite=False, after=RECORD_TRACED_AFTER if traced else None)
 
     @property
     def compiled(self) -> bool:

@@ -240,9 +240,9 @@ class _Iteration:
     def run(self) -> Tuple[float, int]:
         em, plan = self.em, self.plan
         rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
-        if rest or self.first.chain is None or not self.keep or self.online is not None or distributed.active():
+        if rest or not self.keep or self.online is not None or distributed.active():
             new, log_z = self.closed_form()
-        else:  # one fused batch, every param in closed form: the stage may be replayed
+        else:  # one batch, every param in closed form: the stage may be replayed
             new, log_z = _step_program(em, self.first)(self.params, self.closed_form)
         loss = float(log_z)
         write(new)
@@ -320,7 +320,7 @@ def _step_program(em: "EM", pb: PlannedBatch) -> StepProgram:
     setting it reads has changed."""
     key = (em.reg_covar, hmm.ALGORITHM)
     if pb.step is None or pb.step.key != key:
-        pb.step = StepProgram(key)
+        pb.step = StepProgram(key, traced=pb.chain is None)
     return pb.step
 
 

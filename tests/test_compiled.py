@@ -252,3 +252,22 @@ def test_a_guard_that_fails_runs_eagerly(monkeypatch):
     assert torch.equal(replay([x], lambda: f(x))[0], x * 3)
     with pytest.raises(compiled._GuardFailed):
         replay.program(x)
+
+
+def test_traced_closed_form_steps_replay(monkeypatch):
+    """A model that does not fuse (one DiscreteHMM site, as bench_hmm's vectorized form): the
+    recorded stage holds the model's enumeration and the E-step's backward pass as plain
+    operations, with the eager iterates."""
+    monkeypatch.setattr(compiled, "RECORD_TRACED_AFTER", 2)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(4, (6, 40), generator=g)
+    emit0 = torch.rand(3, 4, generator=g) + 0.5
+
+    def model(X):
+        start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.eye(3) * 0.5 + 1 / 6, constraint=constraints.simplex)
+        emit = pyro.param("emit", emit0, constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0]):
+            pyro.sample("x", dist.DiscreteHMM(start.log(), trans.log(), dist.Categorical(emit)), obs=X)
+
+    assert_same_fit(lambda: model, (X,), 6, "checked", "step")
