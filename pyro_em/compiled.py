@@ -197,17 +197,23 @@ class StepProgram:
         """Whether steps replay the recorded program (checked against an eager step)."""
         return self._replay.state == "checked"
 
-    def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor]]):
-        """``stage()``'s ``(new values, log Z)``, replayed where recorded."""
+    def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, torch.Tensor]]]):
+        """``stage()``'s ``(new values, log Z, E-step weights)`` (the weights as packed
+        tensors, for the gradient M-step's ``Q``; none for a fused chain), replayed where
+        recorded."""
         def eager() -> Tensors:
-            new, log_z = stage()
+            new, log_z, weights = stage()
             if self._names is None:
-                self._names = list(new)
-            return (*[new[name] for name in self._names], log_z)
+                self._names = list(new), {name: w._pyro_dims for name, w in weights.items()}
+            return (*[new[name] for name in self._names[0]], log_z, *[weights[name] for name in self._names[1]])
 
         with torch.no_grad():
             out = self._replay(list(params.values()), eager)
-        return dict(zip(self._names, out[:-1])), out[-1]
+        names, dims = self._names
+        weights = dict(zip(dims, out[len(names) + 1:]))
+        for name, w in weights.items():
+            w._pyro_dims = dims[name]
+        return dict(zip(names, out[:len(names)])), out[len(names)], weights
 
 
 class _GuardFailed(Exception):

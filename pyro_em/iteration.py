@@ -240,10 +240,18 @@ class _Iteration:
     def run(self) -> Tuple[float, int]:
         em, plan = self.em, self.plan
         rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
-        if rest or not self.keep or self.online is not None or distributed.active():
+        map_rest = any(name.startswith(em.map_prefix + ".") for name in rest)  # (reads the trace)
+        if not self.keep or self.online is not None or distributed.active() or map_rest:
             new, log_z = self.closed_form()
-        else:  # one batch, every param in closed form: the stage may be replayed
-            new, log_z = _step_program(em, self.first)(self.params, self.closed_form)
+        else:  # one batch: the closed-form stage may be replayed, the E-step's weights with it
+            def stage():
+                new, log_z = self.closed_form()
+                estep = self._kept[0][3] if rest else None
+                return new, log_z, (estep.weights if estep is not None else {})
+
+            new, log_z, weights = _step_program(em, self.first)(self.params, stage)
+            if rest:
+                self._kept = [(self.first, None, log_z, EStep(log_z, None, weights, None))]
         loss = float(log_z)
         write(new)
         em.stalled = self.gradient_m_step(rest) if rest else []

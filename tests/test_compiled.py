@@ -271,3 +271,12 @@ def test_traced_closed_form_steps_replay(monkeypatch):
             pyro.sample("x", dist.DiscreteHMM(start.log(), trans.log(), dist.Categorical(emit)), obs=X)
 
     assert_same_fit(lambda: model, (X,), 6, "checked", "step")
+
+
+def test_closed_form_stage_replays_beside_a_gradient_m_step(monkeypatch):
+    """A mixture of regressions: weights and scales in closed form, slopes by Newton. The
+    replayed stage gives the E-step's weights too, for the replayed Q: the eager iterates."""
+    monkeypatch.setattr(compiled, "RECORD_TRACED_AFTER", 2)
+    model, args = regression(lambda b: b)
+    assert_same_fit(lambda: model, args, 8, "checked", "step")
+    assert fit(lambda: model, args, 8, True)[2] == ["checked"]  # and Q
