@@ -357,8 +357,8 @@ def _binding(func, args: tuple, kwargs: dict, outs: List[torch.Tensor]) -> Calla
     gives the same results on the recorded arguments; else ``func``."""
     name = func._schema.name.split("::")[-1]
     binding = getattr(torch, name, None) or getattr(torch.Tensor, name, None)
-    if not callable(binding):
-        return func
+    if not callable(binding) or torch.Tag.nondeterministic_seeded in func.tags:
+        return func  # (a random operation is not run twice: the draws would move on)
     try:
         alternative = tree_flatten(binding(*args, **kwargs))[0]
     except Exception:  # noqa: BLE001 (another signature)

@@ -48,7 +48,7 @@ class PlannedBatch:
     chain: Optional[FusedChain]
     structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
     q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
-    step: Optional[StepProgram] = None  # its closed-form stage, once run without gradient params
+    step: Optional[StepProgram] = None  # its recorded closed-form stage, once EM.step ran it
 
     @property
     def updates(self) -> MStepPlan:
