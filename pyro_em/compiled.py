@@ -181,8 +181,8 @@ class StepProgram:
     ``_Iteration.closed_form``), replayed once recorded: the params' unconstrained values in,
     their new (constrained) values and the log marginal likelihood out.
 
-    :param key: settings the stage reads besides its inputs (``reg_covar``, the forward-backward
-        algorithm): a change records it again.
+    :param key: settings the stage reads besides its inputs (``reg_covar``, ``temperature``,
+        the forward-backward algorithm): a change records it again.
     :param traced: the stage traces the model (not a fused chain): recorded after
         :data:`RECORD_TRACED_AFTER` eager steps.
     """

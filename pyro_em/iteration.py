@@ -326,7 +326,7 @@ class _Pieces:
 def _step_program(em: "EM", pb: PlannedBatch) -> StepProgram:
     """The batch's recorded closed-form stage (see :mod:`pyro_em.compiled`), new where a
     setting it reads has changed."""
-    key = (em.reg_covar, hmm.ALGORITHM)
+    key = (em.reg_covar, em.temperature, hmm.ALGORITHM)
     if pb.step is None or pb.step.key != key:
         pb.step = StepProgram(key, traced=pb.chain is None)
     return pb.step
