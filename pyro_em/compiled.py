@@ -82,10 +82,9 @@ class _Replay:
         :param record: the inputs and function to record, if not ``inputs`` and ``eager``.
         """
         if self.state == "new" and ENABLED and self.runs >= (RECORD_AFTER if self.after is None else self.after):
-            self.program = _record(*(record or (inputs, eager)))  # (a run without autograd)
+            out, self.program = _record(*(record or (inputs, eager)))
             self.state = "off" if self.program is None else "unchecked"
-            if self.program is not None:
-                return self._run(inputs, eager)  # at the values it was recorded at: no check
+            return out  # the recorded run's own results: the program is not trusted yet
         if self.program is None:
             self.runs += 1
             return eager()
@@ -220,18 +219,18 @@ class _GuardFailed(Exception):
     """A value that Python read in the recorded run came out otherwise: run eagerly."""
 
 
-def _record(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors]) -> Optional[Callable[..., Tensors]]:
-    """The program that computes ``fn()``'s results from ``inputs`` (``None`` where the run
-    cannot be recorded; see the module docs)."""
+def _record(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors]) -> Tuple[Tensors, Optional[Callable[..., Tensors]]]:
+    """``fn()``'s results (under the caller's grad mode), and the program that computes them
+    from ``inputs`` (``None`` where the run cannot be recorded; see the module docs)."""
     recorder = _Recorder(inputs)
     try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught, recorder:
+        with warnings.catch_warnings(record=True) as caught, recorder:
             warnings.simplefilter("always")
             out = fn()
     finally:
         for w in caught:  # (a warning is a read no program repeats: not recorded)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return None if caught else recorder.compile(out)
+    return out, None if caught else recorder.compile(out)
 
 
 class _Slot:
