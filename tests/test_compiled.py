@@ -1,6 +1,7 @@
-"""Recorded programs (pyro_em.compiled): the gradient M-step with a replayed ``Q``, and fused
-chains with a replayed closed-form stage, give the iterates of the eager runs (Pyro's own
-examples, scikit-learn's problems); what cannot be replayed faithfully keeps running eagerly."""
+"""Recorded programs (pyro_em.compiled): the gradient M-step with a replayed ``Q``, and steps
+with a replayed closed-form stage (fused chains, traced models), give the iterates of the
+eager runs (Pyro's own examples, scikit-learn's problems); what cannot be replayed faithfully
+keeps running eagerly."""
 
 import time
 import warnings
