@@ -19,10 +19,12 @@ A program is only as good as the run it was recorded from, so:
 
 * Python's reads of values computed from the inputs become *guards*: a boolean (an ``if``
   on ``(x > 0).all()``, a check) must come out as it did, else that call runs eagerly; any
-  other read (``.item()`` of a number, ``float(...)``), a random draw, a warning, or a
-  constant changed after a recorded operation read it, leave the computation unrecorded (it
-  keeps running eagerly). A constant buffer that a recorded operation writes into (a
-  factory's zeros) is copied as it was, and each replay writes into a fresh copy;
+  other read (``.item()`` of a number, ``float(...)``), a recorded operation reading a
+  random draw, a warning, or a constant changed after a recorded operation read it, leave the
+  computation unrecorded (it keeps running eagerly). A draw nothing recorded reads (a
+  param's init, ``pyro.param("locs", torch.randn(K))``, evaluated at every run) is not drawn
+  by the program. A constant buffer that a recorded operation writes into (a factory's
+  zeros) is copied as it was, and each replay writes into a fresh copy;
 * the first replay is compared with an eager run: it must agree to round-off, and take less
   time, else the program is dropped for good;
 * a non-finite result is recomputed eagerly, so errors keep naming their site;
@@ -147,11 +149,6 @@ class BatchQ:
         self._replay = _Replay()
         self._weights: Optional[List[Tuple[str, torch.Size]]] = None  # names and shapes recorded
 
-    @property
-    def compiled(self) -> bool:
-        """Whether evaluations replay the recorded program (checked against the model)."""
-        return self._replay.state == "checked"
-
     def __call__(self, estep: EStep) -> torch.Tensor:
         """``Q`` at the current params under ``estep``'s weights (differentiable in the params)."""
         store = pyro.get_param_store()
@@ -190,11 +187,6 @@ class StepProgram:
         # (no finiteness check: the recorded stage guards its log Z, and write() its values)
         self.key, self._names = key, None
         self._replay = _Replay(finite=False, after=RECORD_TRACED_AFTER if traced else None)
-
-    @property
-    def compiled(self) -> bool:
-        """Whether steps replay the recorded program (checked against an eager step)."""
-        return self._replay.state == "checked"
 
     def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, torch.Tensor]]]):
         """``stage()``'s ``(new values, log Z, E-step weights)`` (the weights as packed
@@ -253,7 +245,8 @@ class _Recorder(TorchDispatchMode):
         self.refs: List[weakref.ref] = []  # by slot: each tensor's weak reference
         self.died: Dict[int, int] = {}  # slot -> steps recorded when its tensor was freed
         self.promoted: Dict[int, _Slot] = {}  # id of a constant buffer written by the program
-        self.keep: List[torch.Tensor] = []
+        self.random: set = set()  # ids of random draws and what was computed from them
+        self.keep: List[torch.Tensor] = []  # (promoted buffers and random draws keep their ids)
         # (operator, args, kwargs, output slots, changes an argument, guard: the bool it gave)
         self.steps: List[Tuple[Any, tuple, dict, List[_Slot], bool, Optional[bool]]] = []
         self.read: List[Tuple[torch.Tensor, int]] = []  # constants the steps read, with versions
@@ -287,7 +280,7 @@ class _Recorder(TorchDispatchMode):
             return
         snapshot = base.clone()
         self.promoted[id(base)] = slot = self._new_slot(base)
-        self.keep.append(base)  # (its id must stay its own)
+        self.keep.append(base)
         self.steps.append((torch.ops.aten.clone.default, (snapshot,), {}, [slot], False, None))
 
     def _view(self, view: torch.Tensor, base: _Slot) -> _Slot:
@@ -302,10 +295,19 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.failed is not None:
             return func(*args, **kwargs)
-        if not any(isinstance(a, torch.Tensor) and id(a) in self.slots for a in tree_flatten((args, kwargs))[0]):
-            if torch.Tag.nondeterministic_seeded in func.tags:
-                self.failed = f"{func} draws random numbers"
-            return func(*args, **kwargs)  # a constant
+        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if not any(id(a) in self.slots for a in flat):  # a constant
+            out = func(*args, **kwargs)
+            if torch.Tag.nondeterministic_seeded in func.tags or any(id(a) in self.random for a in flat):
+                # A random draw (an unused init, pyro.param("locs", torch.randn(K))) and what is
+                # computed from it: no program may read it, which would freeze the draw.
+                for o in tree_flatten(out)[0]:
+                    if not isinstance(o, torch.Tensor):
+                        self.failed = f"{func} gives Python a number computed from a random draw"
+                    else:
+                        self.random.add(id(o))
+                        self.keep.append(o)
+            return out
 
         for i, arg in enumerate(func._schema.arguments):  # a constant buffer written here
             value = args[i] if i < len(args) else kwargs.get(arg.name)
@@ -319,6 +321,8 @@ class _Recorder(TorchDispatchMode):
                 base = value if value._base is None else value._base
                 if id(base) in self.promoted:  # a view of a buffer the program makes
                     return self._view(value, self.promoted[id(base)])
+                if id(value) in self.random:
+                    self.failed = f"{func} reads a random draw"
                 self.read.append((value, value._version))
             elif isinstance(value, (list, tuple)):
                 return type(value)(template(v) for v in value)

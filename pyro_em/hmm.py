@@ -29,7 +29,7 @@ from pyro.distributions.hmm import _sequential_logmatmulexp
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
-from .tracking import broadcast_shapes, compact
+from .tracking import broadcast_shapes, compact, expanded
 
 
 class HMMPosterior(NamedTuple):
@@ -296,7 +296,7 @@ def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """``alphas[t] @ A_t`` for every step at once: ``alphas (T, ..., K)``, transitions
     ``(..., T or 1, K, K)``; one matrix product unless the transitions vary by sequence, over
     the rows ``alphas`` holds (a broadcast one once)."""
-    if _broadcast(alphas):
+    if expanded(alphas):
         rows = compact(alphas)
         return _propagate(rows, probs).expand(broadcast_shapes(alphas.shape, rows.shape[:-1] + alphas.shape[-1:]))
     steps = probs.movedim(-3, 0)
@@ -305,11 +305,6 @@ def _propagate(alphas: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     steps = steps.reshape(steps.shape[:1] + steps.shape[-2:])
     flat = alphas.reshape(alphas.shape[0] if steps.shape[0] > 1 else 1, -1, alphas.shape[-1])
     return (flat @ steps).view(alphas.shape)
-
-
-def _broadcast(t: torch.Tensor) -> bool:
-    """Whether ``t`` repeats itself along some dim (an expanded view)."""
-    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -406,7 +401,7 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
                 beta = b_beta[t].mul_(beta) if mixture else _matmul(b_beta[t].mul_(beta), step[t])
         # The posterior of z[t] is that of (z[t-1], z[t]) summed over z[t-1].
         observation = fwd.prev if mixture else _propagate(fwd.prev, fwd.probs)
-        observation = (observation * b_beta if _broadcast(observation) else observation.mul_(b_beta)).movedim(0, -2)
+        observation = (observation * b_beta if expanded(observation) else observation.mul_(b_beta)).movedim(0, -2)
         prev, b_beta = fwd.prev.movedim(0, -2), b_beta.movedim(0, -2)  # (..., T, K)
         factors = (prev.unsqueeze(-1), fwd.probs, b_beta.unsqueeze(-2))
         return HMMPosterior(fwd.log_z, fwd.first * beta, observation, factors)

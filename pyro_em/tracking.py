@@ -265,6 +265,11 @@ def broadcast_shapes(*shapes) -> torch.Size:
     return torch.Size(broadcast_shape(*shapes))
 
 
+def expanded(t: torch.Tensor) -> bool:
+    """Whether ``t`` repeats itself along some dim by broadcasting (a stride-0 view)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
 def compact(t: torch.Tensor) -> torch.Tensor:
     """Drop the broadcast (stride-0) extent of an expanded tensor, keeping its rank: a view
     whose dims have size 1 wherever ``t`` repeats itself by broadcasting."""

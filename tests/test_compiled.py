@@ -109,6 +109,8 @@ def _view_changed(b):
     (_view_changed, "checked"),
     (lambda b: b if float(b.sum()) < 100 else -b, "off"),  # Python reads a param's value
     (_buffer, "checked"),
+    (lambda b: (torch.randn(2), b)[1], "checked"),  # a draw nothing reads (an init): not drawn again
+    (lambda b: b + 0 * torch.rand(2), "off"),  # a recorded operation reads a random draw
     (_read_late, "off"),
 ])
 def test_python_reading_values(read, state):
@@ -175,18 +177,28 @@ def test_closed_form_steps_replay_on_pyro_hmms():
                     max_plate_nesting=2, map_space="unconstrained")
 
 
+def hmm_problem(S, T, M):
+    """``S`` sequences of ``T`` symbols out of ``M``, and a function that makes a 3-state
+    HMM's start, transition and emission params."""
+    g = torch.Generator().manual_seed(0)
+    X, emit0 = torch.randint(M, (S, T), generator=g), torch.rand(3, M, generator=g) + 0.5
+
+    def params():
+        start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.eye(3) * 0.5 + 1 / 6, constraint=constraints.simplex)
+        return start, trans, pyro.param("emit", emit0, constraint=constraints.simplex)
+
+    return X, params
+
+
 def test_closed_form_steps_replay_on_long_chains():
     """A pyro.markov HMM long enough for the blocked forward-backward, whose buffers (an
     identity-padded stack of transitions) are made by factories and written by recorded
     operations: each replay writes into fresh copies."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.randint(5, (4, 150), generator=g)
-    emit0 = torch.rand(3, 5, generator=g) + 0.5
+    X, params = hmm_problem(4, 150, 5)
 
     def model(X):
-        start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
-        trans = pyro.param("trans", torch.eye(3) * 0.5 + 1 / 6, constraint=constraints.simplex)
-        emit = pyro.param("emit", emit0, constraint=constraints.simplex)
+        start, trans, emit = params()
         with pyro.plate("seqs", X.shape[0]):
             z = None
             for t in pyro.markov(range(X.shape[1])):
@@ -261,14 +273,10 @@ def test_traced_closed_form_steps_replay(monkeypatch):
     recorded stage holds the model's enumeration and the E-step's backward pass as plain
     operations, with the eager iterates."""
     monkeypatch.setattr(compiled, "RECORD_TRACED_AFTER", 2)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randint(4, (6, 40), generator=g)
-    emit0 = torch.rand(3, 4, generator=g) + 0.5
+    X, params = hmm_problem(6, 40, 4)
 
     def model(X):
-        start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
-        trans = pyro.param("trans", torch.eye(3) * 0.5 + 1 / 6, constraint=constraints.simplex)
-        emit = pyro.param("emit", emit0, constraint=constraints.simplex)
+        start, trans, emit = params()
         with pyro.plate("seqs", X.shape[0]):
             pyro.sample("x", dist.DiscreteHMM(start.log(), trans.log(), dist.Categorical(emit)), obs=X)
 
