@@ -5,7 +5,7 @@ from .em import EM, ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
 from .online import OnlineEM
-from .restarts import CollapseWarning
+from .restarts import CollapseWarning, SymmetryWarning
 from .rules import Rule, UseContext, register_m_step
 from . import init  # noqa: F401 (pyro_em.init, the starting-point helpers)
 
@@ -15,6 +15,7 @@ __all__ = [
     "OnlineEM",
     "ConvergenceWarning",
     "CollapseWarning",
+    "SymmetryWarning",
     "MStepWarning",
     "EStep",
     "e_step",

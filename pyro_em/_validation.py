@@ -3,10 +3,11 @@
 import math
 import numbers
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Tuple
+from typing import Iterator, Mapping, Optional, Tuple
 
 import torch
 from pyro.distributions import constraints
+from torch.distributions import constraints as torch_constraints
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
@@ -157,6 +158,19 @@ def base_constraint(constraint):
     return constraint
 
 
+def interval(constraint: constraints.Constraint) -> Optional[Tuple[float, float]]:
+    """``(lower, upper)`` bounds of an elementwise interval constraint (the tightest over
+    tensor bounds), or ``None`` for any other kind."""
+    c = base_constraint(constraint)
+    if isinstance(c, torch_constraints._Real):
+        return -math.inf, math.inf
+    if not isinstance(c, (torch_constraints._GreaterThan, torch_constraints._GreaterThanEq, torch_constraints._Interval,
+                          torch_constraints._HalfOpenInterval, torch_constraints._LessThan)):
+        return None
+    lo, hi = getattr(c, "lower_bound", -math.inf), getattr(c, "upper_bound", math.inf)
+    return float(torch.as_tensor(lo).max()), float(torch.as_tensor(hi).min())
+
+
 def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:
     """Check unconstrained parameter values before an M-step moves them. ``-inf`` is allowed:
     it is how a probability of exactly 0 (a structural zero, as in a left-right HMM's
@@ -214,3 +228,24 @@ def explain_log_prob_error(name: str, fn, value, error: Exception) -> str:
             "in 0..K-1)."
         )
     return f"Error while computing log_prob at site '{name}': {error}"
+
+
+def check_observations(trace: Trace) -> None:
+    """With Pyro's validation on (its default), raise as Pyro's ``log_prob`` would for an
+    observed value outside its site's support (a Bernoulli observation of 2 or 0.5), naming
+    the site and the first such value: a step that never evaluates the model's own
+    distributions (a fused chain) must not run on it silently."""
+    from pyro.infer.util import is_validation_enabled
+
+    if not is_validation_enabled():
+        return
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or not isinstance(site["value"], torch.Tensor):
+            continue
+        fn = site["fn"]
+        try:
+            inside = fn.support.check(site["value"])
+        except Exception:  # noqa: BLE001 (no support to check against: the E-step's log_prob says)
+            continue
+        if isinstance(inside, torch.Tensor) and not bool(inside.all()):
+            raise ValueError(explain_log_prob_error(name, fn, site["value"], None))

@@ -23,15 +23,15 @@ from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.ops import packed
 from pyro.poutine.trace_struct import Trace
-from torch.distributions import transform_to
+from torch.distributions import constraints, transform_to
 from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, pack_shapes
 from .hmm import JointEmission, forward_backward
-from ._validation import model_errors, unrepresentable
+from ._validation import interval, model_errors, unrepresentable
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
-from .tracking import TrackParams, Tracked, apply_maps, compact, param_dependencies
+from .tracking import BIJECTIONS, TrackParams, Tracked, apply_maps, compact, param_dependencies
 
 logger = logging.getLogger("pyro_em")
 
@@ -243,7 +243,9 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                     continue
                 jacobian = isinstance(site["fn"], UnconstrainedDensity)
                 ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None, jacobian=jacobian)
-                why = rule.check(ctx)
+                why = rule.check(ctx) or _constraint_not_kept(
+                    rule.solution_constraint(ctx), store._constraints[t.param_name], t.maps, f"{type(fn).__name__}.{arg}"
+                )
                 if why:
                     reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
                 else:
@@ -270,6 +272,28 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
     logger.info("pyro_em M-step plan:\n%s", plan)
     return plan
+
+
+def _constraint_not_kept(solution: Optional[constraints.Constraint], constraint: constraints.Constraint,
+                         maps: tuple, where: str) -> Optional[str]:
+    """Why a rule whose solutions satisfy ``solution`` (in the argument's space, reached from
+    the param through ``maps``) may leave the param's ``constraint``, or ``None`` where every
+    solution keeps it (up to the bounds themselves: a rate of 0 under ``positive`` is the
+    degenerate case that :func:`write` rejects). Constraints that are not intervals (a
+    simplex, a Cholesky factor) are compared as equal or trusted to the rule."""
+    own, kept = interval(constraint), interval(solution) if solution is not None else None
+    if own is None or kept is None:
+        return None
+    lo, hi = (torch.tensor(b, dtype=torch.float64) for b in kept)
+    for name in reversed(maps):  # the bijections are increasing: they map bounds to bounds
+        inverse = BIJECTIONS[name][1]
+        if name in ("softmax", "log_softmax"):
+            return None
+        lo, hi = inverse(lo), inverse(hi)
+    if own[0] <= float(lo) and own[1] >= float(hi):
+        return None
+    return (f"its constraint {constraint} is narrower than what the closed form of {where} keeps "
+            f"({solution}): the constrained maximum is found by gradient")
 
 
 def _varies_over_plates(ids: torch.Tensor, fn: td.Distribution, site: dict) -> bool:
@@ -413,7 +437,8 @@ def solve(name: str, stats: Dict[str, torch.Tensor], solver: Solver) -> torch.Te
         raise ValueError(
             f"The closed-form update of param '{name}' collapsed at slot(s) {e.slots}: "
             f"{e.what}. Set reg_covar > 0 (e.g. EM(model, reg_covar=1e-6), as "
-            "scikit-learn's), use fewer components, or put a prior on it."
+            "scikit-learn's), use fewer components, or put a prior on it (the scale of a prior "
+            "over MAP-estimated sites, a hierarchical scale, has no maximum: fix it to a number)."
         ) from None
     except UnboundedMAP:
         raise ValueError(unbounded_prior_message(*solver.prior, name)) from None

@@ -20,7 +20,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args, model_errors
+from ._validation import check_fit_args, check_observations, model_errors
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
@@ -326,6 +326,9 @@ class EM:
         elif planned is None:
             first_dim = self._first_available_dim(args, kwargs)
             tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
+            if _own_param_storage(tracked, arguments):  # (the trace held the user's tensor)
+                tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
+            check_observations(tracked)
             plan = plan_m_step(tracked, scored, self.m_step)
             if self.temperature == 0:
                 check_hard_em(tracked)
@@ -385,7 +388,8 @@ class EM:
             result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
         else:
             result = self._fit_once(args, kwargs, **fit_kwargs)
-        restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar)
+        restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar,
+                                lambda: self.posterior(*args, **kwargs))
         return result
 
     def _fit_once(self, args: tuple, kwargs: dict, **fit_kwargs) -> EMResult:
@@ -426,7 +430,8 @@ class EM:
         return self._run(_Batches(batches), keep=False, cache=isinstance(batches, Sequence))
 
     def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
-        result = EMResult()
+        result, rose = EMResult(), None
+        monotone = self._gradient_m_step.optim is None and self._online is None  # (exact EM)
         stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
         desc = type(self).__name__
         with tqdm(total=max_iter, disable=not progress or stream is None, desc=desc, file=stream) as bar:
@@ -441,9 +446,12 @@ class EM:
                 bar.update()
                 if i == 0 and not bar.disable:  # the first step also plans: rate from the second on
                     bar.start_t = bar._time()
+                if monotone and rose is None and i and loss - result.losses[-2] > self._round_off() * max(1.0, abs(result.losses[-2])):
+                    rose = i
                 if change <= tol:
-                    # A stalled M-step changes nothing either: that is no convergence.
-                    result.converged = not self.stalled
+                    # A stalled M-step changes nothing either: that is no convergence; nor is
+                    # the end of a fit whose loss rose (an exact EM step never raises it).
+                    result.converged = not self.stalled and rose is None
                     break
                 if callback is not None and callback(i, loss):
                     break
@@ -458,6 +466,14 @@ class EM:
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        elif rose is not None:
+            warnings.warn(
+                f"The loss rose at iteration {rose} ({result.losses[rose - 1]:.10g} -> "
+                f"{result.losses[rose]:.10g}), which an exact EM step never does: the fit is not "
+                "reported as converged. Please report the model to pyro_em's developers.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         elif not result.converged and result.n_iter == max_iter:
             warnings.warn(
                 f"EM did not converge in max_iter={max_iter} iterations (last relative change "
@@ -466,6 +482,12 @@ class EM:
                 stacklevel=3,
             )
         return result
+
+    def _round_off(self) -> float:
+        """The relative change of the loss that round-off can make, in the params' precision."""
+        store = pyro.get_param_store()
+        dtype = store[self.plan.params[0]].dtype if self.plan and self.plan.params[0] in store else torch.float64
+        return max(1e-9, 100 * torch.finfo(dtype).eps)
 
     @_accepts_numpy
     def posterior(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
@@ -535,6 +557,28 @@ class EM:
     def _free_parameters(self, estep: EStep) -> int:
         names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
         return selection.count_free_parameters(pyro.get_param_store(), names)
+
+
+def _own_param_storage(trace, arguments: list) -> bool:
+    """Give every param of ``trace`` that shares memory with a tensor argument of the model
+    (``pyro.param("locs", data[:2])``: Pyro keeps the view) a copy of its own, so that the
+    M-step, which writes params in place, never writes into the user's data.
+
+    :returns: whether any param was copied (its old tensor is no longer the store's)."""
+    store = pyro.get_param_store()
+    owned = {a.untyped_storage().data_ptr() for a in arguments if isinstance(a, torch.Tensor) and a.numel()}
+    copied = False
+    for name, site in trace.nodes.items():
+        if site["type"] != "param" or name not in store:
+            continue
+        p = store._params[name]
+        if p.numel() and p.untyped_storage().data_ptr() in owned:
+            own = p.detach().clone().requires_grad_()
+            store._params[name] = own
+            store._param_to_name.pop(p, None)
+            store._param_to_name[own] = name
+            copied = True
+    return copied
 
 
 def _args_key(args: tuple, kwargs: dict) -> tuple:

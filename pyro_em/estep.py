@@ -304,7 +304,19 @@ def expected_log_joint(estep: EStep, trace: Trace) -> torch.Tensor:
     (``log f = -inf`` where ``p(z | x) = 0``) contribute nothing rather than NaN.
     """
     parts = []
-    for name, term in site_terms(trace).items():
+    terms = site_terms(trace)
+    if set(terms) != set(estep.weights):
+        raise RuntimeError(
+            "The model's structure changed between the E-step and the M-step: "
+            + "; ".join(
+                f"{what} site(s) {', '.join(repr(n) for n in sorted(names)[:5])}"
+                for what, names in (("new", set(terms) - set(estep.weights)), ("missing", set(estep.weights) - set(terms)))
+                if names
+            )
+            + ". EM needs a model whose sites do not depend on its parameter values (a loop "
+            "or branch on a param's value, say): write the choice as a latent site, or fix it."
+        )
+    for name, term in terms.items():
         w = estep.weights[name]
         try:
             term = align(term, w._pyro_dims)

@@ -7,9 +7,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pyro
 import torch
 from pyro.optim import PyroOptim
-from torch.distributions import constraints
 
-from ._validation import base_constraint
+from ._validation import interval
 from .distributed import all_reduce
 
 
@@ -88,11 +87,11 @@ class GradientMStep:
                 if not bool(q1 > q0):
                     _backtracking_ascent(objective, params, q0, g0)
                     q1, g1, h1 = objective(order)
-            _check_collapse(named, start, _split(g1, params), norm)
+            _check_collapse(objective, named, start, _split(g1, params), q1, norm)
             if small:
                 q1 = _newton(objective, params, norm, q1, g1, h1, 8)[0]
         else:
-            _check_collapse(named, start, _split(g1, params), norm)
+            _check_collapse(objective, named, start, _split(g1, params), q1, norm)
         for p in params:
             p.grad = None
         if not bool(q1 >= q0):
@@ -250,25 +249,55 @@ def _backtracking_ascent(objective: Objective, params: List[torch.Tensor], q: to
         step *= 2
 
 
-def _check_collapse(named: Dict[str, torch.Tensor], start: List[torch.Tensor], grads: List[torch.Tensor], norm: float) -> None:
+def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], start: List[torch.Tensor],
+                    grads: List[torch.Tensor], q: torch.Tensor, norm: float) -> None:
     """Raise if ``Q`` grows without bound as params run off towards a boundary of their
-    constraint: elements whose unconstrained value fell by more than 2 in this M-step (a factor
-    e^2 for a positive param) while, at its end, ``Q``'s gradient ``grads`` still pulls them on
-    instead of vanishing as at a maximum: a scale collapsing onto a data point."""
+    constraint (a scale collapsing onto a data point), not where its maximum lies on that
+    boundary with ``Q`` finite (a variance term tending to 0, a one-hot probability, a scale
+    on its lower bound).
+
+    Candidates are elements whose unconstrained value moved by more than 2 in this M-step
+    (a factor e^2 for a positive param) while ``Q``'s gradient ``grads`` still pulls them on.
+    ``Q`` (``q`` here) is then evaluated with them moved 2 and 4 further along. Where ``Q``
+    has its maximum on the boundary it gains from the first move and about e^-2 as much from
+    the second (``Q(b + e^u) ~ Q(b) + c e^u``): no error. An unbounded ``Q`` gains as much
+    from both (``-log`` of a scale grows linearly in its log); and where ``Q`` falls, the
+    other params (held still here) would have to follow, as a mean follows its collapsing
+    scale: both are collapses. The params are left where they were."""
     store = pyro.get_param_store()
+    params = list(named.values())
+    moves, names = [], []
     for (name, p), p0, g in zip(named.items(), start, grads):
-        if name in store and base_constraint(store._constraints[name]) is constraints.real:
-            continue  # a real-valued param has no boundary to run off to
-        fell = (p.detach() - p0 < -2) & ((g / norm < -1e-6) | ~torch.isfinite(g))
-        if bool(fell.any()):
-            slots = fell.reshape(-1).nonzero().reshape(-1).tolist()
-            raise ValueError(
-                f"The gradient M-step found no maximum: param '{name}' (slot(s) {slots}) keeps "
-                "falling towards the boundary of its constraint, e.g. a scale collapsing onto "
-                "a data point, where the likelihood is unbounded. Put a prior or a lower bound "
-                "on it, use fewer components, or write it so that it takes the closed form and "
-                "set reg_covar > 0."
-            )
+        moved = p.detach() - p0
+        bounds = interval(store._constraints[name]) if name in store else None
+        direction = moved.sign()
+        if bounds is not None:  # only towards a finite bound (a positive param rising is not)
+            direction = torch.where(direction > 0, direction * math.isfinite(bounds[1]), direction * math.isfinite(bounds[0]))
+        pulled = (moved.abs() > 2) & ((g * direction / norm > 1e-6) | ~torch.isfinite(g))
+        moves.append(torch.where(pulled, direction, torch.zeros_like(direction)))
+        if bool(pulled.any()):
+            names.append(name)
+    if not names:
+        return
+    here = [p.detach().clone() for p in params]
+    values = []
+    for distance in (2.0, 4.0):
+        _restore(params, [h + distance * m for h, m in zip(here, moves)])
+        values.append(float(objective(0)[0]))
+    _restore(params, here)
+    first, second = values[0] - float(q), values[1] - values[0]
+    round_off = 1e3 * torch.finfo(params[0].dtype).eps * norm
+    if math.isfinite(second) and first >= -round_off and second <= 0.5 * first + round_off:
+        return  # bounded: Q gains ever less towards the boundary, where its maximum lies
+    name = names[0]
+    slots = moves[list(named).index(name)].reshape(-1).nonzero().reshape(-1).tolist()
+    raise ValueError(
+        f"The gradient M-step found no maximum: param '{name}' (slot(s) {slots}) keeps "
+        "falling towards the boundary of its constraint, where Q grows without bound (e.g. "
+        "a scale collapsing onto a data point). Put a prior or a lower bound on it, use "
+        "fewer components, or write it so that it takes the closed form and set "
+        "reg_covar > 0."
+    )
 
 
 def _newton(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor, g: torch.Tensor,

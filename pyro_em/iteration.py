@@ -346,16 +346,19 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
     if pb.chain is not None:  # a fused chain: one forward-backward pass, no trace
         fn = pb.chain.distribution()
         prior_parts, log_prior = pb.chain.prior_parts(counted=not drop_global)
+        cause = None
         try:
             log_z = hmm_log_prob(fn, pb.chain.values).sum() + log_prior
-        except (ValueError, RuntimeError, IndexError):  # a value outside the support, say
-            log_z = None
+        except (ValueError, RuntimeError, IndexError) as e:  # a value outside the support, say
+            log_z, cause = None, e
         if log_z is None or not torch.isfinite(log_z):
             em._e_step_at(em.temperature, pb.args, pb.kwargs)  # its error names site and datum
             raise ValueError(
-                f"The log marginal likelihood is {float(log_z) if log_z is not None else 'undefined'} at the current parameters: "
-                "no state path explains the observations (or a parameter is degenerate)."
-            )
+                "The log marginal likelihood is "
+                + (f"{float(log_z)}" if log_z is not None else f"undefined ({type(cause).__name__}: {cause})")
+                + " at the current parameters: no state path explains the observations (or a "
+                "parameter is degenerate)."
+            ) from cause
         weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
         parts = {SITE: pb.chain.parts(fn, weight), **prior_parts}
         return parts.__getitem__, log_z, None

@@ -4,9 +4,10 @@ and keep the best; say when a component collapsed instead of reporting a quiet c
 import math
 import numbers
 import warnings
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import pyro
+import torch
 from torch.distributions import constraints
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,6 +17,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class CollapseWarning(UserWarning):
     """Warned after a fit in which a mixture weight went to (nearly) zero or a variance sits at
     the ``reg_covar`` floor: that component explains (almost) nothing, or a single point."""
+
+
+class SymmetryWarning(CollapseWarning):
+    """Warned after a fit that stayed at a symmetric point: two components (values of a
+    latent) with the same posterior everywhere, as when they start with equal params."""
 
 
 def model_param_names(em: "EM", args: tuple, kwargs: dict) -> List[str]:
@@ -63,17 +69,31 @@ def fit_restarts(em: "EM", args: tuple, kwargs: dict, n_init: int, init: Optiona
     return best
 
 
-def warn_collapsed(names, reg_covar: float) -> None:
-    """Warn, naming the param and slots, about mixture weights near zero (a 1-D simplex param
-    entry below 1e-8 but not exactly 0: exact zeros are structural) and variances at the
-    ``reg_covar`` floor."""
+def warn_collapsed(names, reg_covar: float, posterior: Optional[Callable[[], Dict[str, torch.Tensor]]] = None) -> None:
+    """Warn, naming the param and slots, about empty components and variances at the
+    ``reg_covar`` floor after a fit; with ``posterior`` (the fitted posterior marginals, see
+    :meth:`EM.posterior`), also about a fit that stayed at a symmetric start.
+
+    A weight of a 1-D simplex param below 1e-8 (exactly 0 included) marks an empty component
+    only where the state it weighs holds almost no posterior mass at any latent site with as
+    many values: an HMM's initial probability of 0 is no collapse, its state is visited later.
+    Without ``posterior``, exact zeros are taken as structural and only near-zero weights warn.
+    """
     store = pyro.get_param_store()
+    masses = _state_masses(posterior()) if posterior is not None else None
+    if masses is not None:
+        _warn_symmetric(names, masses[1])
+        masses = masses[0]
     for name in names:
         if name not in store:
             continue
         value, c = store[name].detach(), store._constraints[name]
         if c is constraints.simplex and value.dim() == 1:
-            bad = (value > 0) & (value < 1e-8)
+            mass = None if masses is None else masses.get(value.shape[-1])
+            if mass is None:
+                bad = (value > 0) & (value < 1e-8)
+            else:
+                bad = (value < 1e-8) & (mass.to(value.device) <= 1e-8 * mass.sum())
             what = "a weight near 0 (the component explains almost nothing)"
         elif reg_covar > 0 and c is constraints.positive:
             bad = value.square() <= reg_covar * (1 + 1e-6)
@@ -91,3 +111,47 @@ def warn_collapsed(names, reg_covar: float) -> None:
                 CollapseWarning,
                 stacklevel=3,
             )
+
+
+def _state_masses(marginals: Dict[str, torch.Tensor]):
+    """``({K: posterior mass of each of K values, over every site with K values},
+    {K: those sites' marginals as rows})``."""
+    rows: Dict[int, List[torch.Tensor]] = {}
+    for probs in marginals.values():
+        if probs.dim() and probs.shape[-1] > 1:
+            rows.setdefault(probs.shape[-1], []).append(probs.detach().reshape(-1, probs.shape[-1]).double().cpu())
+    rows = {K: torch.cat(r) for K, r in rows.items()}
+    return {K: r.sum(0) for K, r in rows.items()}, rows
+
+
+def _warn_symmetric(names, rows: Dict[int, torch.Tensor]) -> None:
+    """Warn where two values of a latent have the same posterior at every site and datum,
+    with mass: the fit sits at a symmetric point (components started equal stay equal)."""
+    store = pyro.get_param_store()
+    for K, r in rows.items():
+        if r.shape[0] < 2:
+            continue
+        mass = r.sum(0)
+        live = (mass > 1e-8 * mass.sum()).nonzero().reshape(-1).tolist()
+        tol = 1e-9 * float(r.abs().max())
+        pairs = [(i, j) for a, i in enumerate(live) for j in live[a + 1 :] if float((r[:, i] - r[:, j]).abs().max()) <= tol]
+        if not pairs:
+            continue
+        i, j = pairs[0]
+        tied = [n for n in names if n in store and _equal_slices(store[n].detach(), K, i, j)]
+        warnings.warn(
+            f"The fit stayed at a symmetric point: values {i} and {j} of a latent with {K} values "
+            f"have the same posterior everywhere" + (f" (param(s) {', '.join(repr(n) for n in tied)} "
+            f"are equal at slots {i} and {j})" if tied else "") + ". EM cannot break a symmetry "
+            "it starts from: start the components apart (fit(..., init=...), pyro_em.init), "
+            "restart from random values (fit(..., n_init=5) with an init that samples), or use an "
+            "init_loc_fn that samples (pyro.infer.autoguide.init_to_sample) for MAP sites.",
+            SymmetryWarning,
+            stacklevel=3,
+        )
+
+
+def _equal_slices(value: torch.Tensor, K: int, i: int, j: int) -> bool:
+    return any(
+        size == K and torch.equal(value.select(d, i), value.select(d, j)) for d, size in enumerate(value.shape)
+    )

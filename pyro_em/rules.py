@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributions as td
+from torch.distributions import constraints
 from pyro.distributions import DiscreteHMM
 
 from .kernels import feature_major
@@ -148,6 +149,15 @@ class Rule:
         """Return why the rule cannot be used at this site, or ``None`` (called once, when
         the M-step is planned)."""
         return None
+
+    def solution_constraint(self, ctx: UseContext) -> Optional[constraints.Constraint]:
+        """The constraint every solution of this rule satisfies, in the argument's space: by
+        default the distribution's own for the argument (its support for a prior's value).
+        A param whose constraint is narrower (``interval(-1.5, 1.5)`` on a Normal's loc)
+        takes the gradient M-step instead, in its constraint's coordinates."""
+        if ctx.arg == "value":
+            return ctx.fn.support
+        return ctx.fn.arg_constraints.get(ctx.arg)
 
     def summarize(self, ctx: UseContext) -> Stats:
         """Additive sufficient statistics of this use, each of shape ``(ctx.numel, ...)``."""
@@ -532,19 +542,25 @@ class NormalScaleRule(Rule):
 
     def summarize(self, ctx):
         # Squared deviations about the new means, exactly (no x^2 - 2 x m + m^2 cancellation).
-        deviation = ctx.value - ctx.current("loc")
+        loc = ctx.current("loc")
+        deviation = ctx.value - loc
         return {
             "ss": ctx.pool(ctx.weight, deviation.square_() if deviation.is_floating_point() else deviation**2),
             "w": ctx.pool(ctx.weight, torch.ones_like(ctx.value)),
+            "mm": ctx.pool(ctx.weight, loc.square()),  # (the means' size: round-off's)
         }
 
     def solve(self, stats, old, ctx):
         w = _slots(stats["w"], old)
         var = _ratio(_slots(stats["ss"], old), w) + ctx.reg_covar
-        tiny = torch.finfo(var.dtype).tiny
-        collapsed = (var.sqrt() <= tiny) & (w > 0)
+        # A deviation at the round-off of the means is none: the points coincide (a component
+        # on one datum, MAP values on their prior's loc), where the likelihood is unbounded.
+        eps, tiny = torch.finfo(var.dtype).eps, torch.finfo(var.dtype).tiny
+        floor = (8 * eps) ** 2 * _ratio(_slots(stats["mm"], old), w)
+        collapsed = ((var.sqrt() <= tiny) | (var <= floor)) & (w > 0)
         if bool(collapsed.any()):
-            raise Collapse("a variance is zero (a component collapsed onto one point)", collapsed.reshape(-1).nonzero().reshape(-1))
+            raise Collapse("a variance is zero up to round-off (a component collapsed onto one point, "
+                           "or MAP-estimated values onto their prior's mean)", collapsed.reshape(-1).nonzero().reshape(-1))
         return keep_old(old, var.sqrt(), w)
 
 

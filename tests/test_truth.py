@@ -1,0 +1,258 @@
+"""Right, or a clear error: constraints the closed form cannot keep, maxima on a boundary,
+collapses the closed form must see, and fits whose loss rose. Each test reproduces a silent
+wrong answer or a false alarm seen on models people bring."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+from pyro_em import EM, ConvergenceWarning
+
+
+def two_clusters(seed=0, spread=0.5):
+    pyro.set_rng_seed(seed)
+    return torch.cat([torch.randn(300) - 2, spread * torch.randn(200) + 3])
+
+
+def normal_mixture(loc_constraint=constraints.real, scale_constraint=constraints.positive, K=2):
+    def model(data):
+        w = pyro.param("w", torch.ones(K) / K, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.linspace(-1.0, 1.0, K), constraint=loc_constraint)
+        scales = pyro.param("scales", torch.ones(K), constraint=scale_constraint)
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], scales[z]), obs=data)
+
+    return model
+
+
+def _monotone(losses):
+    return all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))
+
+
+def test_interval_constraint_is_kept_and_the_loss_falls():
+    """locs under interval(-1.5, 1.5): the closed form's weighted means (-2, 3) leave it; the
+    constrained maximum sits on the bounds (a 1-D unimodal Q per slot)."""
+    data = two_clusters()
+    em = EM(normal_mixture(constraints.interval(-1.5, 1.5)))
+    result = em.fit(data, max_iter=200, tol=1e-10)
+    assert "locs: gradient" in str(em.plan) and "Interval" in str(em.plan)
+    assert _monotone(result.losses) and result.converged
+    locs = pyro.param("locs").detach()
+    assert ((locs >= -1.5) & (locs <= 1.5)).all()
+    assert torch.allclose(locs, torch.tensor([-1.5, 1.5]), atol=1e-6)
+
+
+@pytest.mark.parametrize("m_step", ["auto", "gradient"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_scale_on_its_lower_bound_is_a_maximum(seed, m_step):
+    """scales under greater_than(0.8) where one cluster's spread is 0.3: the maximum is on the
+    bound, Q finite. No 'not finite' error, no collapse alarm; both M-steps agree."""
+    data = two_clusters(seed, spread=0.3)
+    em = EM(normal_mixture(scale_constraint=constraints.greater_than(0.8)), m_step=m_step)
+    result = em.fit(data, max_iter=200, tol=1e-10)
+    assert result.converged and _monotone(result.losses)
+    scales = pyro.param("scales").detach()
+    assert abs(float(scales[1]) - 0.8) < 1e-6 and float(scales[0]) > 0.8
+
+
+def test_unconstrained_scale_takes_the_closed_form_still():
+    """A narrower constraint sends a param to the gradient; the ordinary ones do not."""
+    em = EM(normal_mixture())
+    em.step(two_clusters())
+    assert "gradient" not in str(em.plan)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_variance_term_tending_to_zero_is_a_maximum_not_a_collapse(seed):
+    """An observation variance ``sample_var + bin_var`` (research code's binned measurements):
+    ``bin_var -> 0`` has a finite limit. The fit's loss is the profile likelihood's minimum
+    over ``bin_var >= 0`` (scipy's bounded search), on the boundary (seed 0) or inside it."""
+    from scipy.optimize import minimize_scalar
+
+    def model(x, sample_var):
+        bin_var = pyro.param("bin_var", torch.tensor(1.0), constraint=constraints.positive)
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, (sample_var + bin_var).sqrt()), obs=x)
+
+    pyro.set_rng_seed(seed)
+    sv = torch.rand(50) + 0.5
+    x = torch.randn(50) * (0.7 * sv).sqrt()
+    result = EM(model).fit(x, sv, max_iter=200, tol=1e-12)
+    assert result.converged and _monotone(result.losses)
+
+    def profile(v):
+        s = sv + v
+        loc = (x / s).sum() / (1 / s).sum()
+        return -float(dist.Normal(loc, s.sqrt()).log_prob(x).sum())
+
+    best = minimize_scalar(profile, bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-12}).fun
+    assert abs(result.loss - best) < 1e-9 * abs(best)
+
+
+def test_one_hot_probs_by_gradient_fit_as_the_closed_form():
+    """Categorical probs fitted to identical data: the MLE is one-hot, on the simplex's
+    boundary, with Q finite (0)."""
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        probs = pyro.param("probs", torch.tensor([[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]]), constraint=constraints.simplex)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Categorical(probs[z]), obs=x)
+
+    x = torch.zeros(30, dtype=torch.long)
+    result = EM(model, m_step="gradient").fit(x, max_iter=100)
+    assert result.converged and result.loss < 1e-5
+    assert (pyro.param("probs")[:, 0] > 1 - 1e-6).all()
+
+
+def _collapsing(x, K):
+    w = pyro.param("w", torch.ones(K) / K, constraint=constraints.simplex)
+    locs = pyro.param("locs", x[:K].clone())
+    scales = pyro.param("scales", torch.ones(K), constraint=constraints.positive)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(locs[z], scales[z]), obs=x)
+
+
+@pytest.mark.parametrize("m_step", ["auto", "gradient"])
+def test_gradual_collapse_is_an_error_on_both_paths(m_step):
+    """K=4 components on 25 points: one scale falls 1e-6 -> 1e-15 over a few steps onto one
+    datum (the likelihood is unbounded). The closed form used to go on silently."""
+    pyro.set_rng_seed(17)
+    x = torch.randn(25) * 20
+    with pytest.raises(ValueError, match="(no maximum: param|param 'scales' collapsed)"):
+        EM(_collapsing, m_step=m_step).fit(x, 4, max_iter=100)
+
+
+def test_hierarchical_scale_written_as_a_param_is_an_error():
+    """A group scale written as a pyro.param over MAP-estimated group means: the MAP
+    objective grows without bound as the scale goes to 0 (the means onto their prior's)."""
+
+    def model(y):
+        m = pyro.param("m", torch.tensor(0.0))
+        tau = pyro.param("tau", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("groups", 8):
+            mu = pyro.sample("mu", dist.Normal(m, tau))
+            with pyro.plate("obs", 5, dim=-2):
+                pyro.sample("y", dist.Normal(mu, 3.0), obs=y)
+
+    y = torch.randn(5, 8) * 3 + 2
+    with pytest.raises(ValueError, match="'tau' collapsed.*hierarchical scale"):
+        EM(model).fit(y, max_iter=500)
+
+
+def test_fit_whose_loss_rose_is_not_converged(monkeypatch):
+    """A fit whose loss rose is never reported as converged (an exact EM step cannot)."""
+    data = two_clusters()
+    em = EM(normal_mixture())
+    losses = iter([10.0, 9.0, 9.5, 9.5, 9.5])
+    monkeypatch.setattr(em, "_fit_once", lambda args, kwargs, **kw: em._fit_loop(lambda: (next(losses), 1), **kw))
+    with pytest.warns(ConvergenceWarning, match="loss rose at iteration 2"):
+        result = em.fit(data, max_iter=5)
+    assert not result.converged
+
+
+# ---- the user's tensors -------------------------------------------------------------------
+
+
+def test_param_initialized_as_a_view_of_the_data_leaves_the_data_alone():
+    """``pyro.param("locs", data[:2])``, as tutorials write it: Pyro keeps the view, and the
+    M-step writes params in place; the data must not change."""
+
+    def model(data):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", data[:2])
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+    data = two_clusters()
+    before = data.clone()
+    EM(model).fit(data, max_iter=20)
+    assert torch.equal(data, before)
+    assert not torch.equal(pyro.param("locs").detach(), before[:2])  # (the fit moved them)
+
+
+@pytest.mark.parametrize("bad", [2.0, 0.5])
+def test_out_of_support_observation_raises_as_pyro_would(bad):
+    """A Bernoulli observation of 2 (or 0.5) in a mixture that steps as a fused chain (no
+    model run after planning): Pyro's validation rejects it, so must EM, naming the site."""
+
+    def model(x):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        p = pyro.param("p", torch.tensor([0.3, 0.6]), constraint=constraints.unit_interval)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Bernoulli(p[z]), obs=x)
+
+    x = torch.tensor([0.0, 1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=rf"Site 'x' has the value {bad} at index \(2,\), outside the support"):
+        EM(model).fit(x, max_iter=3)
+    assert set(pyro.get_param_store().keys()) == set()  # (a failed first step leaves no params)
+    with pyro.validation_enabled(False):  # Pyro's switch off: neither checks
+        EM(model).step(torch.tensor([0.0, 1.0, 1.0]))
+
+
+# ---- warnings that tell the truth ---------------------------------------------------------
+
+# Annual counts of major earthquakes (magnitude 7 and above), 1900-2006: Zucchini and MacDonald,
+# "Hidden Markov Models for Time Series" (2009), Table 1.1.
+EARTHQUAKES = [
+    13, 14, 8, 10, 16, 26, 32, 27, 18, 32, 36, 24, 22, 23, 22, 18, 25, 21, 21, 14, 8, 11, 14, 23, 18, 17,
+    19, 20, 22, 19, 13, 26, 13, 14, 22, 24, 21, 22, 26, 21, 23, 24, 27, 41, 31, 27, 35, 26, 28, 36, 39, 21,
+    17, 22, 17, 19, 15, 34, 10, 15, 22, 18, 15, 20, 15, 22, 19, 16, 30, 27, 29, 23, 20, 16, 21, 21, 25, 16,
+    18, 15, 18, 14, 10, 15, 8, 15, 6, 11, 8, 7, 18, 16, 13, 12, 13, 20, 15, 16, 12, 18, 15, 16, 13, 15,
+    16, 11, 11,
+]
+
+
+def poisson_hmm(counts):
+    start = pyro.param("start", torch.ones(3) / 3, constraint=constraints.simplex)
+    trans = pyro.param("trans", torch.full((3, 3), 0.1) + 0.7 * torch.eye(3), constraint=constraints.simplex)
+    rates = pyro.param("rates", torch.tensor([10.0, 20.0, 30.0]), constraint=constraints.positive)
+    z = None
+    for t in pyro.markov(range(len(counts))):
+        z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]), infer={"enumerate": "parallel"})
+        pyro.sample(f"x_{t}", dist.Poisson(rates[z]), obs=counts[t])
+
+
+def test_hmm_initial_distribution_on_one_state_is_no_collapse():
+    """One sequence: the maximum-likelihood initial distribution is a unit vector (hmmlearn
+    agrees). Its zeros are no empty components: every state is visited later."""
+    counts = torch.tensor(EARTHQUAKES, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = EM(poisson_hmm).fit(counts, max_iter=500, tol=1e-10)
+    assert result.converged
+    assert float(pyro.param("start").detach().max()) > 1 - 1e-8
+
+
+def test_genuinely_empty_component_warns():
+    """Three components on two clusters, one started far away: its weight becomes exactly 0
+    (underflow), which used to pass as a structural zero."""
+    from pyro_em import CollapseWarning
+
+    data = two_clusters()
+    pyro.param("locs", torch.tensor([-2.0, 3.0, 80.0]))
+    with pytest.warns(CollapseWarning, match=r"Param 'w' has a weight near 0 .* at slot\(s\) \[2\]"):
+        EM(normal_mixture(K=3)).fit(data, max_iter=50)
+    assert float(pyro.param("w").detach()[2]) < 1e-8
+
+
+def test_symmetric_start_warns_with_the_param_and_the_fix():
+    """Components started equal (as init_to_median gives, or a careless init) stay equal: EM
+    reports convergence in a few steps at the symmetric fixed point. It must say so."""
+    from pyro_em import SymmetryWarning
+
+    data = two_clusters()
+    pyro.param("locs", torch.zeros(2))
+    with pytest.warns(SymmetryWarning, match=r"symmetric point.*'locs'.*equal at slots 0 and 1.*n_init"):
+        result = EM(normal_mixture()).fit(data, max_iter=50)
+    assert result.n_iter < 5
