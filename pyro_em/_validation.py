@@ -13,6 +13,7 @@ from pyro.poutine.trace_struct import Trace
 
 #: ``site["infer"]`` key marking a latent site that EM estimates as a point (MAP) value.
 MAP_FLAG = "_em_map"
+INTEGRATED_FLAG = "_em_integrated"  # the unobserved half of obs_mask, integrated out
 
 
 def check_enumerated_trace(trace: Trace, subsample: bool = False) -> None:

@@ -28,7 +28,7 @@ from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, pack_shapes
 from .hmm import JointEmission, forward_backward
-from ._validation import interval, model_errors, unrepresentable
+from ._validation import INTEGRATED_FLAG, interval, model_errors, unrepresentable
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import BIJECTIONS, TrackParams, Tracked, apply_maps, compact, param_dependencies
@@ -64,6 +64,11 @@ class MStepPlan:
     gradient: Dict[str, str] = field(default_factory=dict)
     tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
     maps: Dict[Tuple[str, str, str], tuple] = field(default_factory=dict)
+    read_unobserved: set = field(default_factory=set)
+    """Unobserved halves of ``obs_mask`` sites (integrated out) whose value a later site reads."""
+    notes: Dict[str, List[str]] = field(default_factory=dict)
+    """What EM does with sites that are not params (``obs_mask``'s unobserved halves) -> those
+    sites, printed after the params."""
     batch_free: bool = True
     """Whether the plan holds nothing that varies along a plate (no param indexed by the
     data): it then serves every batch of the same shapes (see :class:`~pyro_em.iteration.PlanCache`)."""
@@ -80,6 +85,8 @@ class MStepPlan:
             lines.append(f"{name}: closed form ({where})")
         for name, why in self.gradient.items():
             lines.append(f"{name}: gradient ({why})")
+        for what, sites in self.notes.items():
+            lines.extend(f"{phrase}: {what}" for phrase in _grouped_sites([("obs_mask", site) for site in sites]))
         return "\n".join(lines)
 
 
@@ -154,13 +161,16 @@ def components(fn: td.Distribution, value: torch.Tensor, weight: Optional[torch.
 def distribution_args(fn: td.Distribution, value) -> Dict[str, torch.Tensor]:
     """The distribution's tensor arguments and its value. Untracked lazy properties (say
     ``logits`` computed from given ``probs``) are derived, not arguments: skipped here, while
-    the dependency walk over the log density still sees any param behind them."""
+    the dependency walk over the log density still sees any param behind them; but the one
+    given of a pair that are both lazy (a Binomial's ``probs`` or ``logits``, torch's
+    ``_param``) is an argument, tracked or not (``Binomial(10, urn / 10)``)."""
+    given = getattr(fn, "_param", None)
     args = {
         k: v
         for k, v in vars(fn).items()
         if not k.startswith("_")
         and isinstance(v, torch.Tensor)
-        and (isinstance(v, Tracked) or not isinstance(getattr(type(fn), k, None), lazy_property))
+        and (isinstance(v, Tracked) or v is given or not isinstance(getattr(type(fn), k, None), lazy_property))
     }
     if isinstance(fn, td.Multinomial):  # its probs or logits live on an inner Categorical
         args.update(distribution_args(fn._categorical, None))
@@ -210,7 +220,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
     store = pyro.get_param_store()
     names = [n for n, s in tracked.nodes.items() if s["type"] == "param"]
     leaves = {p: n for n, p in store.named_parameters() if n in names}
-    plan = MStepPlan()
+    plan = MStepPlan(read_unobserved=_read_unobserved(tracked))
     if mode == "gradient":
         plan.gradient = {n: "m_step='gradient'" for n in names}
         return plan
@@ -219,7 +229,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
     reasons: Dict[str, str] = {}
     memo: dict = {}  # graph nodes -> the params behind them, shared by all sites
     for site_name, site in tracked.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site["infer"].get(INTEGRATED_FLAG):  # (weighs nothing)
             continue
         direct = set()
         for part, fn, value, _ in components(site["fn"], site["value"], None):
@@ -272,6 +282,21 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
     logger.info("pyro_em M-step plan:\n%s", plan)
     return plan
+
+
+def _read_unobserved(trace: Trace) -> set:
+    """The integrated-out halves of ``obs_mask`` sites (see :class:`~pyro_em.map_sites.MapMessenger`)
+    whose value reaches another site's distribution or value (not the deterministic site
+    that merely reassembles the observation)."""
+    fillers = {site["value"]: name for name, site in trace.nodes.items()
+               if site["type"] == "sample" and site["infer"].get(INTEGRATED_FLAG)}
+    read, memo = set(), {}
+    for name, site in trace.nodes.items() if fillers else ():
+        if site["type"] != "sample" or name in fillers.values() or site["infer"].get("_deterministic"):
+            continue
+        for t in _reachable_tensors([site["fn"], site["value"]]):
+            read |= param_dependencies(t, fillers, memo)
+    return read
 
 
 def _constraint_not_kept(solution: Optional[constraints.Constraint], constraint: constraints.Constraint,

@@ -20,7 +20,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args, check_observations, model_errors
+from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
@@ -210,7 +210,8 @@ class EM:
         self.m_step = m_step
         self.max_plate_nesting = max_plate_nesting
         self.map_prefix = map_prefix
-        self.fitted_model = MapMessenger(init_loc_fn, map_prefix, map_space)(model)
+        self._map = MapMessenger(init_loc_fn, map_prefix, map_space)
+        self.fitted_model = self._map(model)
         """``model`` with MAP-estimated sites fixed to their values in the param store: a
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
         self._gradient_m_step = GradientMStep(optim, num_steps)
@@ -330,6 +331,11 @@ class EM:
                 tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
             check_observations(tracked)
             plan = plan_m_step(tracked, scored, self.m_step)
+            if plan.read_unobserved - self._map.read_unobserved:  # continuous latents after all
+                self._map.read_unobserved |= plan.read_unobserved
+                tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
+                plan = plan_m_step(tracked, scored, self.m_step)
+            _note_obs_mask(plan, tracked, self._map)
             if self.temperature == 0:
                 check_hard_em(tracked)
             chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 else None
@@ -557,6 +563,21 @@ class EM:
     def _free_parameters(self, estep: EStep) -> int:
         names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
         return selection.count_free_parameters(pyro.get_param_store(), names)
+
+
+def _note_obs_mask(plan: MStepPlan, trace, messenger: MapMessenger) -> None:
+    """Say in ``plan`` what EM does with the unobserved halves of ``obs_mask`` sites."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["infer"].get(INTEGRATED_FLAG):
+            what = "integrated out (the unobserved entries, read by no other site)"
+        elif name in messenger.read_unobserved:
+            what = (f"the unobserved entries are continuous latents, read by a later site: MAP "
+                    f"values, params '{messenger.prefix}.<site>'")
+        else:
+            continue
+        plan.notes.setdefault(what, []).append(name)
 
 
 def _own_param_storage(trace, arguments: list) -> bool:

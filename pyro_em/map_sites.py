@@ -14,7 +14,7 @@ Two MAP objectives are offered (``map_space``):
   positive concentration and keeps a closed form: ``(counts + alpha) / sum``.
 """
 
-from typing import Callable
+from typing import Callable, Set
 
 import pyro
 import torch
@@ -24,7 +24,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from ._validation import MAP_FLAG
+from ._validation import INTEGRATED_FLAG, MAP_FLAG
 
 MAP_SPACES = ("constrained", "unconstrained")
 
@@ -79,10 +79,31 @@ class MapMessenger(Messenger):
         self.init_loc_fn = init_loc_fn
         self.prefix = prefix
         self.map_space = map_space
+        self.read_unobserved: Set[str] = set()
+        """Unobserved halves of ``obs_mask`` sites that a later site reads: MAP-estimated as
+        continuous latents (the planner adds them; see :meth:`_pyro_sample`)."""
+        self._observed = None  # the last observed site of this run: (name, value)
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
-        if msg["is_observed"] or site_is_subsample(msg) or fn.support.is_discrete:
+        if msg["is_observed"]:
+            self._observed = (msg["name"], msg["value"])
+            return
+        if site_is_subsample(msg) or fn.support.is_discrete:
+            return
+        if self._unobserved_half(msg) and msg["name"] not in self.read_unobserved:
+            # Pyro's obs_mask idiom: "x_observed", then "x_unobserved" over the masked-out
+            # entries. Integrated out, they contribute log 1 = 0 to the observed data's
+            # likelihood: a value in the support, masked out of every objective. Its value is a
+            # leaf that requires grad, so the planner sees whether a later site reads it.
+            transform = biject_to(fn.support)
+            like = self._observed[1]
+            dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+            unconstrained = torch.zeros(transform.inverse_shape(fn.shape()), dtype=dtype, device=like.device)
+            msg["value"] = transform(unconstrained).detach().requires_grad_()
+            msg["is_observed"] = True
+            msg["mask"] = False
+            msg["infer"][INTEGRATED_FLAG] = True
             return
         value = pyro.param(
             f"{self.prefix}.{msg['name']}",
@@ -95,6 +116,13 @@ class MapMessenger(Messenger):
         msg["value"] = value
         msg["is_observed"] = True
         msg["infer"][MAP_FLAG] = True
+
+    def _unobserved_half(self, msg) -> bool:
+        """Whether ``msg`` is the ``"{name}_unobserved"`` site of ``pyro.sample(name, ...,
+        obs=..., obs_mask=...)``, right after its ``"{name}_observed"`` site."""
+        name = msg["name"]
+        return (name.endswith("_unobserved") and self._observed is not None
+                and self._observed[0] == name[: -len("_unobserved")] + "_observed")
 
     def _init(self, msg) -> torch.Tensor:
         try:
