@@ -142,11 +142,14 @@ class BatchQ:
     :param names: the params the model reads from Pyro's param store (the program's inputs).
     :param free: those among ``names`` that the gradient M-step moves: the others enter the
         program detached, so that autograd records nothing for them.
+    :param replay: record and replay; ``False`` runs the model at every evaluation.
     """
 
-    def __init__(self, trace: Callable[..., Trace], names: List[str], free: List[str]):
+    def __init__(self, trace: Callable[..., Trace], names: List[str], free: List[str], replay: bool = True):
         self._trace, self.names, self._free = trace, list(names), set(free)
         self._replay = _Replay()
+        if not replay:  # (EM(model, jit=False): the model runs at every evaluation)
+            self._replay.state = "off"
         self._weights: Optional[List[Tuple[str, torch.Size]]] = None  # names and shapes recorded
 
     def __call__(self, estep: EStep) -> torch.Tensor:
@@ -162,8 +165,9 @@ class BatchQ:
         recorded = [store._params[name] for name in self.names] + list(estep.weights.values())
 
         def record() -> Tensors:
-            with pyro.validation_enabled(False):
-                return (expected_log_joint(estep, self._trace(record=True)),)
+            # Under Pyro's validation setting: the argument checks become guards, so a point a
+            # distribution rejects runs eagerly and raises there, never a replayed garbage Q.
+            return (expected_log_joint(estep, self._trace(record=True)),)
 
         return self._replay(inputs, lambda: (self.eager(estep),), (recorded, record))[0]
 

@@ -20,7 +20,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors
+from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors, structure
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
@@ -144,6 +144,28 @@ class EM:
         Viterbi training for a ``pyro.markov`` chain), the M-step is unchanged, and the loss is
         minus the log joint density of that completion. With fixed equal weights and one fixed
         spherical scale this is Lloyd's k-means.
+    :param jit: ``True`` (the default): the model is planned once per batch of data, and
+        later steps may run without running the Python model again, as Pyro's
+        ``JitTraceEnum_ELBO`` does: a plain mixture or a recognized ``pyro.markov`` chain steps
+        as one fused forward-backward pass (:attr:`fused_chain`), and after a few steps a
+        step's tensor operations replay as recorded (:mod:`pyro_em.compiled`). The model must
+        then be a pure function of its params and data: its side effects happen only when it
+        runs, and its sites, shapes and plates must not depend on param values. With Pyro's
+        validation on (its default), :meth:`fit` runs the model once more at the end and
+        raises if its structure changed. ``False``: the model runs at every step (and every
+        evaluation of ``Q``), slower, for models with side effects or whose structure may
+        change; a structure change is then an error at the step where it happens.
+
+    **Missing observations.** Pyro's ``pyro.sample(name, fn, obs=x, obs_mask=mask)`` makes two
+    sites, ``name_observed`` and ``name_unobserved``. EM's objective is the likelihood of the
+    observed data (Dempster, Laird and Rubin's), so the unobserved entries are integrated
+    out: where no other site reads them, their density integrates to one and drops out of the
+    loss and of every update (``print(em.plan)`` says "integrated out"). Where a later site
+    reads them (an autoregressive series with gaps), they are continuous latents, estimated
+    as MAP values under ``"AutoDelta.name_unobserved"`` as any other, and the plan says so.
+    This differs from ``TraceEnum_ELBO`` with an ``AutoDelta`` guide, which point-estimates
+    every unobserved entry and counts its density: that objective's maximum biases scales
+    downwards (the entries sit at their mean).
 
     Example::
 
@@ -175,6 +197,7 @@ class EM:
         map_space: str = "constrained",
         reg_covar: float = 0.0,
         temperature: int = 1,
+        jit: bool = True,
     ):
         if guide or isinstance(model, AutoGuide):
             raise TypeError(
@@ -195,6 +218,9 @@ class EM:
             raise ValueError(f"reg_covar must be a number >= 0, got {reg_covar!r}.")
         if temperature not in (0, 1) or isinstance(temperature, bool):
             raise ValueError(f"temperature must be 1 (EM) or 0 (hard EM), got {temperature!r}.")
+        if not isinstance(jit, bool):
+            raise ValueError(f"jit must be True or False, got {jit!r}.")
+        self.jit = jit
         self.temperature = temperature
         self.model = model
         self.reg_covar = float(reg_covar)
@@ -338,8 +364,8 @@ class EM:
             _note_obs_mask(plan, tracked, self._map)
             if self.temperature == 0:
                 check_hard_em(tracked)
-            chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 else None
-            planned = PlannedBatch(args, kwargs, plan, chain)
+            chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 and self.jit else None
+            planned = PlannedBatch(args, kwargs, plan, chain, planned_structure=structure(tracked))
             del tracked, scored
             gc.collect(1)  # the analysis traces hold reference cycles: free them before the step
             self._plans.put(key if cache else None, planned)
@@ -394,6 +420,7 @@ class EM:
             result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
         else:
             result = self._fit_once(args, kwargs, **fit_kwargs)
+        self._check_structure_kept(args, kwargs)
         restarts.warn_collapsed(self.plan.params if self.plan else [], self.reg_covar,
                                 lambda: self.posterior(*args, **kwargs))
         return result
@@ -488,6 +515,30 @@ class EM:
                 stacklevel=3,
             )
         return result
+
+    def _check_structure_kept(self, args: tuple, kwargs: dict) -> None:
+        """With Pyro's validation on and ``jit=True``: run the model once more after a fit and
+        raise if its sites, shapes or plates differ from those it was planned with (steps that
+        do not run the model, a fused chain's or a replayed one's, would not have seen it)."""
+        from pyro.infer.util import is_validation_enabled
+
+        planned = self._plans.peek(_args_key(args, kwargs) + (tuple(kwargs),))
+        if not self.jit or not is_validation_enabled() or planned is None or planned.planned_structure is None:
+            return
+        with torch.no_grad():
+            trace = trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs),
+                                shapes_only=True, subsample=self._subsample)
+        if structure(trace) != planned.planned_structure:
+            old, new = (dict((s[0], s[1:]) for s in t) for t in (planned.planned_structure, structure(trace)))
+            name = next(n for n in {**old, **new} if old.get(n) != new.get(n))
+            raise RuntimeError(
+                f"The model's structure changed during the fit (site '{name}': "
+                f"{old.get(name, 'absent')} became {new.get(name, 'absent')}, as (value shape, "
+                "plates)), while its steps ran the model as it was planned, without running the "
+                "Python model again (a fused chain or a replayed program). Make the structure "
+                "independent of the params, or fit with EM(model, jit=False), which runs the "
+                "model at every step (and raises at the step where it changes)."
+            )
 
     def _round_off(self) -> float:
         """The relative change of the loss that round-off can make, in the params' precision."""

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from pyro.distributions import DiscreteHMM
-from pyro.distributions.hmm import _sequential_logmatmulexp
+from pyro.distributions.hmm import _logmatmulexp
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
@@ -419,9 +419,31 @@ def parallel_forward_backward(initial: torch.Tensor, trans: torch.Tensor, obs: t
         init = initial.detach().expand(batch + initial.shape[-1:]).requires_grad_()
         # One (K, K) factor per step: the transition into z[t] and the observation of z[t].
         steps = (trans.detach() + obs.detach().unsqueeze(-2)).expand(batch + trans.shape[-3:]).contiguous().requires_grad_()
-        log_z = (init.unsqueeze(-1) + _sequential_logmatmulexp(steps)).logsumexp(-1).logsumexp(-1)
+        product, shift = _normalized_logmatmulexp(steps)
+        log_z = (init.unsqueeze(-1) + product).logsumexp(-1).logsumexp(-1) + shift
         g_init, g_steps = torch.autograd.grad(log_z.sum(), [init, steps])
     return HMMPosterior(log_z.detach(), g_init, g_steps.sum(-2), (g_steps,))
+
+
+def _normalized_logmatmulexp(steps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The log-space product of ``steps (..., T, K, K)`` by a tree of pairwise products, as
+    Pyro's ``_sequential_logmatmulexp``, with every product shifted by its largest entry:
+    ``(product, shift)`` with the product ``product + shift``. Unshifted, entries grow as
+    ``-T`` and a float32 sum of two of them loses ``T eps`` absolutely (2e-3 in the posteriors
+    at T = 100,000); shifted, they stay of the order of one step's. The shifts are detached:
+    a product shifts with every entry of a factor, so the gradient, the posterior, is exact."""
+    shift = steps.new_zeros(steps.shape[:-3])
+    while steps.size(-3) > 1:
+        T = steps.size(-3)
+        even = T // 2 * 2
+        x, y = steps[..., :even, :, :].reshape(steps.shape[:-3] + (even // 2, 2) + steps.shape[-2:]).unbind(-3)
+        product = _logmatmulexp(x, y)
+        top = product.detach().amax((-2, -1), keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # (paths that are impossible)
+        product = product - top
+        shift = shift + top.sum((-3, -2, -1))
+        steps = torch.cat((product, steps[..., even:, :, :]), dim=-3) if T > even else product
+    return steps.squeeze(-3), shift
 
 
 def viterbi(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ class PlannedBatch:
     plan: MStepPlan
     chain: Optional[FusedChain]
     structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
+    planned_structure: Optional[tuple] = None  # of the trace the plan was made from
     q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
     step: Optional[StepProgram] = None  # its recorded closed-form stage, once EM.step ran it
 
@@ -81,6 +82,10 @@ class PlanCache:
         self._entries: Dict[tuple, PlannedBatch] = {}
         self._shared: Dict[tuple, MStepPlan] = {}
         self._used: set = set()
+
+    def peek(self, key: tuple) -> Optional[PlannedBatch]:
+        """The plan kept under ``key``, if any, without marking it used."""
+        return self._entries.get(key)
 
     def get(self, key: tuple, arguments: list) -> Optional[PlannedBatch]:
         planned = self._entries.get(key)
@@ -241,7 +246,7 @@ class _Iteration:
         em, plan = self.em, self.plan
         rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
         map_rest = any(name.startswith(em.map_prefix + ".") for name in rest)  # (reads the trace)
-        if not self.keep or self.online is not None or distributed.active() or map_rest:
+        if not self.keep or self.online is not None or distributed.active() or map_rest or not em.jit:
             new, log_z = self.closed_form()
         else:  # one batch: the closed-form stage may be replayed, the E-step's weights with it
             def stage():
@@ -337,7 +342,7 @@ def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:
     if pb.q is None:
         args, kwargs = pb.args, pb.kwargs
         pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params),
-                      [name for name in pb.plan.params if name not in pb.plan.closed_form])
+                      [name for name in pb.plan.params if name not in pb.plan.closed_form], replay=em.jit)
     return pb.q
 
 

@@ -91,6 +91,14 @@ class MapMessenger(Messenger):
             return
         if site_is_subsample(msg) or fn.support.is_discrete:
             return
+        for f in msg["cond_indep_stack"]:  # (before pyro.param slices a value by the subsample)
+            if f.vectorized and f.full_size is not None and f.size != f.full_size:
+                raise ValueError(
+                    f"Plate '{f.name}' subsamples {f.size} of {f.full_size} (subsample_size or "
+                    f"subsample), and the continuous latent site '{msg['name']}' inside it takes "
+                    "one MAP value per datum, which EM estimates from all of the data at once. "
+                    "Remove the subsampling and pass the data in full."
+                )
         if self._unobserved_half(msg) and msg["name"] not in self.read_unobserved:
             # Pyro's obs_mask idiom: "x_observed", then "x_unobserved" over the masked-out
             # entries. Integrated out, they contribute log 1 = 0 to the observed data's

@@ -396,3 +396,30 @@ def test_emissions_in_plates_of_their_own_fuse(monkeypatch):
                 pyro.sample("x", dist.Normal(locs[z.squeeze(-1)], scales[z.squeeze(-1)]), obs=data)
 
     assert_fused_equals_traced(mixture_with_features, (data,), monkeypatch, steps=3)
+
+
+@pytest.mark.parametrize("algorithm", ["blocked", "parallel"])
+def test_posteriors_of_one_long_float32_sequence(algorithm):
+    """One sticky two-state Gaussian sequence of T = 100,000 steps in float32 (the parallel
+    algorithm is the automatic choice on a GPU, where float32 is the rule): each step's
+    posterior and the expected transition counts as float64 gives them. The log-depth tree
+    used to sum unnormalized log products of size ~T: 1.8e-3 off, against 4e-6 blocked."""
+    g = torch.Generator().manual_seed(0)
+    T = 100_000
+    states = torch.cumsum((torch.rand(T, generator=g) > 0.98).long(), 0) % 2
+    x = torch.randn(T, generator=g) + 2.0 * states
+
+    def posterior(dtype, algorithm):
+        fn = dist.DiscreteHMM(
+            torch.tensor([0.5, 0.5], dtype=dtype).log(),
+            torch.tensor([[0.97, 0.03], [0.04, 0.96]], dtype=dtype).log(),
+            dist.Normal(torch.tensor([0.0, 2.0], dtype=dtype), torch.tensor(1.0, dtype=dtype)),
+        )
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+            return forward_backward(fn, x.to(dtype))
+
+    ref, post = posterior(torch.float64, "blocked"), posterior(torch.float32, algorithm)
+    assert (post.observation.double() - ref.observation).abs().max() < 2e-5
+    counts, expected = (p.transition.double().reshape(-1, 2, 2).sum(0) for p in (post, ref))
+    assert ((counts - expected).abs() / expected).max() < 2e-5

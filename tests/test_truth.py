@@ -349,3 +349,153 @@ def test_obs_mask_read_by_a_later_site_is_a_continuous_latent():
     assert f"'x_{T - 1}_unobserved': integrated out" in plan
     assert "'x_{t}_unobserved' for t in 0..28" in plan and "continuous latents, read by a later site" in plan
     assert em.evaluate_loss(series, observed) == pytest.approx(_traceenum_loss(ar, (series, observed), 0), rel=1e-9)
+
+
+# ---- models from outside Pyro's repository that failed -------------------------------------
+
+
+def test_emission_computed_from_the_state_fuses_and_equals_traceenum():
+    """An urn HMM (course material's classic: the hidden number of red balls, 10 draws a
+    step): ``Binomial(10, urn / 10)``, an argument computed from the enumerated state, in a
+    chain that fuses. Rebuilding the emission took both of Binomial's lazy arguments."""
+
+    def model(draws):
+        start = pyro.param("start", torch.ones(11) / 11, constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.eye(11) * 0.8 + 0.2 / 11, constraint=constraints.simplex)
+        z = None
+        for t in pyro.markov(range(len(draws))):
+            z = pyro.sample(f"urn_{t}", dist.Categorical(start if z is None else trans[z]), infer={"enumerate": "parallel"})
+            pyro.sample(f"draw_{t}", dist.Binomial(10, z / 10), obs=draws[t])
+
+    draws = torch.tensor([3.0, 4.0, 2.0, 8.0, 9.0, 7.0, 8.0, 3.0, 2.0, 3.0])
+    em = EM(model)
+    from pyro_em import CollapseWarning
+
+    with pytest.warns(CollapseWarning, match=r"'start'.*slot\(s\) \[0, 5, 6, 10\]"):  # (no draw of 0 or 10)
+        result = em.fit(draws, max_iter=500)
+    assert em.fused_chain is not None and _monotone(result.losses)
+    assert em.evaluate_loss(draws) == pytest.approx(_traceenum_loss(model, (draws,), 0), rel=1e-9)
+
+
+def test_map_concentration_with_a_normal_prior_stays_where_beta_accepts_it():
+    """Beta concentrations as MAP sites under Normal priors (real-valued coordinates): a
+    replayed Q evaluated without Pyro's checks accepted negative values, and the next E-step
+    died in Pyro's validation. The fit must stay where the Beta accepts its arguments."""
+
+    def model(x):
+        a = pyro.sample("a", dist.Normal(1.0, 1.0))
+        b = pyro.sample("b", dist.Normal(1.0, 1.0))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Beta(a, b), obs=x)
+
+    x = torch.distributions.Beta(0.02, 0.02).sample((200,)).clamp(1e-300, 1 - 1e-16)
+    em = EM(model)
+    result = em.fit(x, max_iter=50)
+    assert _monotone(result.losses)
+    assert float(pyro.param("AutoDelta.a").detach()) > 0 and float(pyro.param("AutoDelta.b").detach()) > 0
+    assert em.evaluate_loss(x) == pytest.approx(_traceenum_loss(model, (x,), 1), rel=1e-9)
+
+
+def test_subsampled_plate_with_a_per_datum_map_site_names_the_plate_first():
+    """A local continuous latent in a plate that subsamples: the plate's error, not Pyro's
+    internal one about the MAP param's shape or index."""
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("n", len(x), subsample_size=10) as idx:
+            mu = pyro.sample("mu", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[idx])
+
+    with pytest.raises(ValueError, match="Plate 'n' subsamples 10 of 50 .* site 'mu' .* Remove the subsampling"):
+        EM(model).step(torch.randn(50))
+    assert "loc" not in pyro.get_param_store()
+
+
+def test_structure_that_depends_on_a_param_is_named_as_such():
+    """Sites that appear when a param crosses a value, under the gradient M-step: a bare
+    KeyError from inside used to end it."""
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        for i in range(3 if float(loc.detach()) > 1 else 2):
+            z = pyro.sample(f"z{i}", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample(f"x{i}", dist.Normal(loc * z, 1.0), obs=x[i])
+
+    with pytest.raises(RuntimeError, match="structure changed .* new site\\(s\\) 'x2', 'z2'"):
+        EM(model, m_step="gradient").fit(torch.tensor([3.0, 3.5, 4.0]), max_iter=5)
+
+
+def test_error_inside_a_fused_chain_keeps_its_cause(monkeypatch):
+    import pyro_em.iteration
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom in the forward pass")
+
+    data = two_clusters()
+    em = EM(normal_mixture())
+    em.step(data)
+    assert em.fused_chain is not None
+    monkeypatch.setattr(pyro_em.iteration, "hmm_log_prob", boom)
+    with pytest.raises(ValueError, match="undefined \\(RuntimeError: boom in the forward pass\\)") as info:
+        em.step(data)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# ---- the contract of later steps ----------------------------------------------------------
+
+
+def _side_effect_mixture(calls):
+    def model(data):
+        calls.append(1)
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+    return model
+
+
+def test_jit_false_runs_the_model_at_every_step_with_the_same_iterates():
+    data = two_clusters()
+    runs, losses = {}, {}
+    for jit in (True, False):
+        pyro.clear_param_store()
+        calls = []
+        em = EM(_side_effect_mixture(calls), jit=jit)
+        losses[jit] = [em.step(data) for _ in range(30)]
+        runs[jit] = len(calls)
+        assert (em.fused_chain is not None) == jit
+    assert runs[False] >= 30 > runs[True]
+    assert losses[False] == pytest.approx(losses[True], rel=1e-12)
+    with pytest.raises(ValueError, match="jit must be True or False"):
+        EM(_side_effect_mixture([]), jit=1)
+
+
+def _switching_model(state):
+    """A model whose structure depends on a flag outside it (a global a user script flips)."""
+
+    def model(data):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+        if state["extra"]:
+            pyro.sample("extra", dist.Normal(locs[0], 1.0), obs=torch.tensor(0.0))
+
+    return model
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_structure_change_is_an_error(jit):
+    """Planned, then the structure changes: a fused chain never runs the model again, so the
+    fit's end says so; with jit=False the step where it changes does."""
+    state, data = {"extra": False}, two_clusters()
+    em = EM(_switching_model(state), jit=jit)
+    em.step(data)
+    state["extra"] = True
+    match = "structure changed during the fit \\(site 'extra'.*jit=False" if jit else "structure changed between EM steps"
+    with pytest.raises(RuntimeError, match=match):
+        em.fit(data, max_iter=20)
