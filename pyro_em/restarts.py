@@ -82,8 +82,8 @@ def warn_collapsed(names, reg_covar: float, posterior: Optional[Callable[[], Dic
     store = pyro.get_param_store()
     masses = _state_masses(posterior()) if posterior is not None else None
     if masses is not None:
-        _warn_symmetric(names, masses[1])
-        masses = masses[0]
+        masses, groups = masses
+        _warn_symmetric(names, groups)
     for name in names:
         if name not in store:
             continue
@@ -115,43 +115,53 @@ def warn_collapsed(names, reg_covar: float, posterior: Optional[Callable[[], Dic
 
 def _state_masses(marginals: Dict[str, torch.Tensor]):
     """``({K: posterior mass of each of K values, over every site with K values},
-    {K: those sites' marginals as rows})``."""
+    [marginals as rows: each site's, and all sites' with K values together])``."""
     rows: Dict[int, List[torch.Tensor]] = {}
     for probs in marginals.values():
         if probs.dim() and probs.shape[-1] > 1:
             rows.setdefault(probs.shape[-1], []).append(probs.detach().reshape(-1, probs.shape[-1]).double().cpu())
-    rows = {K: torch.cat(r) for K, r in rows.items()}
-    return {K: r.sum(0) for K, r in rows.items()}, rows
+    groups = [r for own in rows.values() for r in own] + [torch.cat(own) for own in rows.values() if len(own) > 1]
+    return {K: torch.cat(r).sum(0) for K, r in rows.items()}, groups
 
 
-def _warn_symmetric(names, rows: Dict[int, torch.Tensor]) -> None:
-    """Warn where two values of a latent have the same posterior at every site and datum,
-    with mass: the fit sits at a symmetric point (components started equal stay equal)."""
+def _warn_symmetric(names, groups: List[torch.Tensor]) -> None:
+    """Warn where a latent's posterior shows a symmetric fit (components started equal stay
+    equal): two of its values with mass have the same posterior at every site and datum, or
+    every datum has the same posterior (the components are indistinguishable)."""
     store = pyro.get_param_store()
-    for K, r in rows.items():
-        if r.shape[0] < 2:
-            continue
+    for r in groups:
+        K = r.shape[-1]
         mass = r.sum(0)
         live = (mass > 1e-8 * mass.sum()).nonzero().reshape(-1).tolist()
+        if r.shape[0] < 2 or len(live) < 2:
+            continue
         tol = 1e-9 * float(r.abs().max())
         pairs = [(i, j) for a, i in enumerate(live) for j in live[a + 1 :] if float((r[:, i] - r[:, j]).abs().max()) <= tol]
-        if not pairs:
+        if pairs:
+            what = f"values {pairs[0][0]} and {pairs[0][1]} of a latent with {K} values have the same posterior everywhere"
+        elif float((r - r[:1]).abs().max()) <= tol:
+            what = f"a latent with {K} values has the same posterior for every datum (its components do not differ)"
+        else:
             continue
-        i, j = pairs[0]
-        tied = [n for n in names if n in store and _equal_slices(store[n].detach(), K, i, j)]
+        tied = [n for n in names if n in store and _equal_slices(store[n].detach(), K)]
         warnings.warn(
-            f"The fit stayed at a symmetric point: values {i} and {j} of a latent with {K} values "
-            f"have the same posterior everywhere" + (f" (param(s) {', '.join(repr(n) for n in tied)} "
-            f"are equal at slots {i} and {j})" if tied else "") + ". EM cannot break a symmetry "
-            "it starts from: start the components apart (fit(..., init=...), pyro_em.init), "
-            "restart from random values (fit(..., n_init=5) with an init that samples), or use an "
-            "init_loc_fn that samples (pyro.infer.autoguide.init_to_sample) for MAP sites.",
+            f"The fit ended at a symmetric point: {what}"
+            + (f"; param(s) {', '.join(repr(n) for n in tied)} are equal across components" if tied else "")
+            + ". EM cannot break a symmetry it starts from: start the components apart (fit(..., "
+            "init=...), pyro_em.init), restart from random values (fit(..., n_init=5) with an init "
+            "that samples), or give MAP sites an init_loc_fn that samples "
+            "(pyro.infer.autoguide.init_to_sample); if the data cannot tell them apart, fit fewer.",
             SymmetryWarning,
             stacklevel=3,
         )
+        return
 
 
-def _equal_slices(value: torch.Tensor, K: int, i: int, j: int) -> bool:
-    return any(
-        size == K and torch.equal(value.select(d, i), value.select(d, j)) for d, size in enumerate(value.shape)
-    )
+def _equal_slices(value: torch.Tensor, K: int) -> bool:
+    """Whether ``value`` has a dim of size ``K`` along which two slices are equal."""
+    for d, size in enumerate(value.shape):
+        if size == K:
+            flat = value.movedim(d, 0).reshape(K, -1)
+            if any(torch.equal(flat[i], flat[j]) for i in range(K) for j in range(i + 1, K)):
+                return True
+    return False
