@@ -228,6 +228,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
     uses: Dict[str, List[Use]] = defaultdict(list)
     reasons: Dict[str, str] = {}
     memo: dict = {}  # graph nodes -> the params behind them, shared by all sites
+    kept: dict = {}  # (rule, family, argument, param, maps) -> why its constraint is not kept
     for site_name, site in tracked.nodes.items():
         if site["type"] != "sample" or site["infer"].get(INTEGRATED_FLAG):  # (weighs nothing)
             continue
@@ -253,9 +254,11 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
                     continue
                 jacobian = isinstance(site["fn"], UnconstrainedDensity)
                 ctx = UseContext(fn, value, None, ids, arg, store[t.param_name].numel(), lambda a: None, jacobian=jacobian)
-                why = rule.check(ctx) or _constraint_not_kept(
-                    rule.solution_constraint(ctx), store._constraints[t.param_name], t.maps, f"{type(fn).__name__}.{arg}"
-                )
+                key = (type(rule), type(fn), arg, t.param_name, t.maps)  # (the same at every step of a chain)
+                if key not in kept:
+                    kept[key] = _constraint_not_kept(rule.solution_constraint(ctx), store._constraints[t.param_name],
+                                                     t.maps, f"{type(fn).__name__}.{arg}")
+                why = rule.check(ctx) or kept[key]
                 if why:
                     reasons.setdefault(t.param_name, f"at site '{site_name}' {why}")
                 else:

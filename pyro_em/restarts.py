@@ -80,7 +80,15 @@ def warn_collapsed(names, reg_covar: float, posterior: Optional[Callable[[], Dic
     Without ``posterior``, exact zeros are taken as structural and only near-zero weights warn.
     """
     store = pyro.get_param_store()
-    masses = _state_masses(posterior()) if posterior is not None else None
+    values = {n: store[n].detach() for n in names if n in store}
+    # The posterior costs an E-step: only where a weight is near 0 or a param has two slices
+    # equal up to 1e-6 (a symmetric fit's components are equal, as they started).
+    needed = any(
+        (store._constraints[n] is constraints.simplex and v.dim() == 1 and bool((v < 1e-8).any()))
+        or any(_equal_slices(v, size, 1e-6) for size in set(v.shape) if size > 1)
+        for n, v in values.items()
+    )
+    masses = _state_masses(posterior()) if posterior is not None and needed else None
     if masses is not None:
         masses, groups = masses
         _warn_symmetric(names, groups)
@@ -157,11 +165,13 @@ def _warn_symmetric(names, groups: List[torch.Tensor]) -> None:
         return
 
 
-def _equal_slices(value: torch.Tensor, K: int) -> bool:
-    """Whether ``value`` has a dim of size ``K`` along which two slices are equal."""
+def _equal_slices(value: torch.Tensor, K: int, rtol: float = 0.0) -> bool:
+    """Whether ``value`` has a dim of size ``K`` along which two slices are equal (up to
+    ``rtol``, relative to the largest entry)."""
+    atol = rtol * float(value.abs().max()) if value.numel() else 0.0
     for d, size in enumerate(value.shape):
         if size == K:
             flat = value.movedim(d, 0).reshape(K, -1)
-            if any(torch.equal(flat[i], flat[j]) for i in range(K) for j in range(i + 1, K)):
+            if any(float((flat[i] - flat[j]).abs().max()) <= atol for i in range(K) for j in range(i + 1, K)):
                 return True
     return False
