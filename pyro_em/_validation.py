@@ -29,11 +29,10 @@ def check_enumerated_trace(trace: Trace, subsample: bool = False) -> None:
         )
     for site in sample_sites:
         for f in site["cond_indep_stack"]:
-            if not subsample and f.full_size is not None and f.size != f.full_size:
+            if not subsample and subsampled(f):
                 raise ValueError(
-                    f"Plate '{f.name}' subsamples {f.size} of {f.full_size} (subsample_size or "
-                    "subsample): an EM step needs every datum of the plate at once. Remove the "
-                    "subsampling and pass the data in full, or fit by stepwise EM (OnlineEM)."
+                    f"{subsampled(f)}: an EM step needs every datum of the plate at once. Remove "
+                    "the subsampling and pass the data in full, or fit by stepwise EM (OnlineEM)."
                 )
         name, fn = site["name"], site["fn"]
         if site["infer"].get(MAP_FLAG):
@@ -117,19 +116,25 @@ def structure(trace: Trace) -> tuple:
     )
 
 
-def check_same_structure(before: tuple, after: tuple) -> None:
-    """Raise if the model's trace changed shape between two steps on the same data."""
+def structure_change(before: tuple, after: tuple) -> Optional[str]:
+    """How two :func:`structure` s differ, at their first differing site, or ``None``."""
     if before == after:
-        return
+        return None
     old, new = dict((s[0], s[1:]) for s in before), dict((s[0], s[1:]) for s in after)
     changed = [n for n in {**old, **new} if old.get(n) != new.get(n)]
     name = changed[0] if changed else "?"
-    raise RuntimeError(
-        f"The model's structure changed between EM steps on the same data (site '{name}': "
-        f"{old.get(name, 'absent')} became {new.get(name, 'absent')}, as (value shape, plates)). "
-        "EM needs a model whose sites, shapes and plate sizes do not depend on its parameter "
-        "values."
-    )
+    return f"site '{name}': {old.get(name, 'absent')} became {new.get(name, 'absent')}, as (value shape, plates)"
+
+
+def check_same_structure(before: tuple, after: tuple) -> None:
+    """Raise if the model's trace changed shape between two steps on the same data."""
+    change = structure_change(before, after)
+    if change is not None:
+        raise RuntimeError(
+            f"The model's structure changed between EM steps on the same data ({change}). EM "
+            "needs a model whose sites, shapes and plate sizes do not depend on its parameter "
+            "values."
+        )
 
 
 def _names(names) -> str:
@@ -170,6 +175,13 @@ def interval(constraint: constraints.Constraint) -> Optional[Tuple[float, float]
         return None
     lo, hi = getattr(c, "lower_bound", -math.inf), getattr(c, "upper_bound", math.inf)
     return float(torch.as_tensor(lo).max()), float(torch.as_tensor(hi).min())
+
+
+def subsampled(frame) -> Optional[str]:
+    """``"Plate 'n' subsamples 10 of 50 (...)"`` for a plate frame that subsamples, else None."""
+    if frame.vectorized and frame.full_size is not None and frame.size != frame.full_size:
+        return f"Plate '{frame.name}' subsamples {frame.size} of {frame.full_size} (subsample_size or subsample)"
+    return None
 
 
 def check_params_finite(params: Mapping[str, torch.Tensor]) -> None:

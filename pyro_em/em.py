@@ -20,7 +20,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors, structure
+from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors, structure, structure_change
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
@@ -528,16 +528,14 @@ class EM:
         with torch.no_grad():
             trace = trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs),
                                 shapes_only=True, subsample=self._subsample)
-        if structure(trace) != planned.planned_structure:
-            old, new = (dict((s[0], s[1:]) for s in t) for t in (planned.planned_structure, structure(trace)))
-            name = next(n for n in {**old, **new} if old.get(n) != new.get(n))
+        change = structure_change(planned.planned_structure, structure(trace))
+        if change is not None:
             raise RuntimeError(
-                f"The model's structure changed during the fit (site '{name}': "
-                f"{old.get(name, 'absent')} became {new.get(name, 'absent')}, as (value shape, "
-                "plates)), while its steps ran the model as it was planned, without running the "
-                "Python model again (a fused chain or a replayed program). Make the structure "
-                "independent of the params, or fit with EM(model, jit=False), which runs the "
-                "model at every step (and raises at the step where it changes)."
+                f"The model's structure changed during the fit ({change}), while its steps ran "
+                "the model as it was planned, without running the Python model again (a fused "
+                "chain or a replayed program). Make the structure independent of the params, or "
+                "fit with EM(model, jit=False), which runs the model at every step (and raises at "
+                "the step where it changes)."
             )
 
     def _round_off(self) -> float:

@@ -293,7 +293,7 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
     slots = moves[list(named).index(name)].reshape(-1).nonzero().reshape(-1).tolist()
     raise ValueError(
         f"The gradient M-step found no maximum: param '{name}' (slot(s) {slots}) keeps "
-        "falling towards the boundary of its constraint, where Q grows without bound (e.g. "
+        "moving towards a bound of its constraint, where Q grows without bound (e.g. "
         "a scale collapsing onto a data point). Put a prior or a lower bound on it, use "
         "fewer components, or write it so that it takes the closed form and set "
         "reg_covar > 0."

@@ -21,7 +21,7 @@ matrix products, every posterior as its gradient, in ``2 log2 T`` steps.
 import functools
 import math
 import operator
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions import DiscreteHMM

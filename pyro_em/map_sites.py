@@ -24,7 +24,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from ._validation import INTEGRATED_FLAG, MAP_FLAG
+from ._validation import INTEGRATED_FLAG, MAP_FLAG, subsampled
 
 MAP_SPACES = ("constrained", "unconstrained")
 
@@ -92,12 +92,11 @@ class MapMessenger(Messenger):
         if site_is_subsample(msg) or fn.support.is_discrete:
             return
         for f in msg["cond_indep_stack"]:  # (before pyro.param slices a value by the subsample)
-            if f.vectorized and f.full_size is not None and f.size != f.full_size:
+            if subsampled(f):
                 raise ValueError(
-                    f"Plate '{f.name}' subsamples {f.size} of {f.full_size} (subsample_size or "
-                    f"subsample), and the continuous latent site '{msg['name']}' inside it takes "
-                    "one MAP value per datum, which EM estimates from all of the data at once. "
-                    "Remove the subsampling and pass the data in full."
+                    f"{subsampled(f)}, and the continuous latent site '{msg['name']}' inside it "
+                    "takes one MAP value per datum, which EM estimates from all of the data at "
+                    "once. Remove the subsampling and pass the data in full."
                 )
         if self._unobserved_half(msg) and msg["name"] not in self.read_unobserved:
             # Pyro's obs_mask idiom: "x_observed", then "x_unobserved" over the masked-out

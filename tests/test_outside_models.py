@@ -28,7 +28,6 @@ import pytest
 import torch
 from pyro.infer import config_enumerate
 from pyro.ops.indexing import Vindex
-from torch.distributions import constraints
 
 from pyro_em import EM, CollapseWarning
 from test_pyro_models import traceenum_loss
