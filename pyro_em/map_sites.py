@@ -181,7 +181,11 @@ def check_map_bounded(trace, updated, prefix: str) -> None:
         if not any(bool((c < 1).any()) for c in concentrations):
             continue
         value = pyro.param(param).detach()
-        edge = torch.finfo(value.dtype).tiny ** 0.5
+        # Near the edge: a positive value within sqrt(tiny) of 0; a probability within a few
+        # eps of 0 or 1, where Pyro's clipped sigmoid and stick-breaking hold it (and Q goes
+        # flat there, so the optimizer stops on a plateau of an objective that has no maximum).
+        finfo = torch.finfo(value.dtype)
+        edge = 4 * finfo.eps if type(fn).__name__ in ("Beta", "Dirichlet") else finfo.tiny ** 0.5
         at_edge = (value <= edge) | ((1 - value <= edge) if type(fn).__name__ == "Beta" else False)
         if bool(torch.as_tensor(at_edge).any()):
             raise ValueError(unbounded_prior_message(name, type(fn).__name__, param))

@@ -6,8 +6,9 @@ and its loss equals ``TraceEnum_ELBO``'s with an ``AutoDelta`` guide at the same
 Sources:
 
 * NumPyro's example "Bayesian Models of Annotation" (``examples/annotation.py`` of the NumPyro
-  repository; Paun et al. 2018, figures 1 and 2): the multinomial and Dawid-Skene models,
-  ``numpyro`` -> ``pyro``, ``jnp`` -> ``torch``.
+  repository; Paun et al. 2018, figures 1 to 3): the multinomial, Dawid-Skene and MACE models,
+  ``numpyro`` -> ``pyro``, ``jnp`` -> ``torch`` (MACE's one-hot as NumPyro's later version
+  writes it, ``s[..., None] == 0``).
 * Course material, amcpherson/pyro_tutorial ``notebooks/gmm_model_answer_key.md``: a 1-D
   Gaussian mixture with MAP weights, scale and locs, and its 2-D variants with
   component-specific variances (``locs.swapaxes(-1, -2)[assignment]``,
@@ -114,6 +115,45 @@ def test_annotation_dawid_skene_model():
     assert losses[-1] < symmetric.loss - 10
     beta = pyro.param("AutoDelta.beta").detach()
     assert (beta[0].max(-1).values > 0.6).all()  # the most accurate annotator: a sharp confusion
+
+
+def mace(annotators, annotations):
+    num_annotators = int(annotators.max()) + 1
+    num_classes = int(annotations.max()) + 1
+    num_items, num_positions = annotations.shape
+
+    with pyro.plate("annotator", num_annotators):
+        epsilon = pyro.sample("epsilon", dist.Dirichlet(torch.full((num_classes,), 10.0)))
+        theta = pyro.sample("theta", dist.Beta(0.5, 0.5))
+
+    with pyro.plate("item", num_items, dim=-2):
+        # NB: using constant logits for discrete uniform prior
+        c = pyro.sample("c", dist.Categorical(logits=torch.zeros(num_classes)))
+
+        with pyro.plate("position", num_positions):
+            s = pyro.sample("s", dist.Bernoulli(1 - theta[annotators]))
+            probs = torch.where(s[..., None] == 0, torch.nn.functional.one_hot(c, num_classes), epsilon[annotators])
+            pyro.sample("y", dist.Categorical(probs), obs=annotations)
+
+
+def test_annotation_mace_model():
+    """MACE (Paun et al.'s figure 3): a spamming indicator per label, enumerated with the true
+    class. Its Beta(0.5, 0.5) prior on an annotator's trustworthiness has infinite density at
+    1, where the most accurate annotator's MAP value runs: no maximum. Pyro's clipped sigmoid
+    held the value at 1 - eps, where Q is flat, and the fit stopped there silently. Now the
+    clear error; in unconstrained coordinates the mode exists and EM climbs to it."""
+    annotators, annotations = annotation_data()
+    model = config_enumerate(mace)
+    with pytest.raises(ValueError, match="MAP objective of site 'theta' .* no maximum: its Beta prior .* map_space='unconstrained'"):
+        for _ in range(30):
+            EM(model, max_plate_nesting=2).step(annotators, annotations)
+    pyro.clear_param_store()
+    em = EM(model, max_plate_nesting=2, map_space="unconstrained")
+    losses = [em.step(annotators, annotations) for _ in range(30)]
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))
+    theta = pyro.param("AutoDelta.theta").detach()
+    assert ((theta > 0) & (theta < 1 - 1e-6)).all()
+    assert "AutoDelta.theta: gradient" in str(em.plan)
 
 
 # ---- course material: Gaussian mixtures with MAP sites (amcpherson/pyro_tutorial) -----------
