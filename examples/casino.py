@@ -92,7 +92,7 @@ def main(n: int = 5000, plot: str = "") -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rolls", type=int, default=5000)
+    parser.add_argument("--rolls", type=int, default=5000, help="number of rolls of the die")
     parser.add_argument("--plot", default="", help="write the posterior plot to this PNG file")
     args = parser.parse_args()
     main(args.rolls, args.plot)

@@ -79,9 +79,9 @@ def main(n: int = 200_000, batch_size: int = 20_000, cuda: bool = False, max_ite
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=20_000)
-    parser.add_argument("--max-iter", type=int, default=100)
-    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("-n", type=int, default=200_000, help="number of data points over all processes")
+    parser.add_argument("--batch-size", type=int, default=20_000, help="data points per batch")
+    parser.add_argument("--max-iter", type=int, default=100, help="the most EM iterations")
+    parser.add_argument("--cuda", action="store_true", help="one GPU per process (NCCL)")
     args = parser.parse_args()
     main(args.n, args.batch_size, args.cuda, args.max_iter)

@@ -98,6 +98,9 @@ def main(n: int = 600, K: int = 3, plot: str = "") -> None:
         print(f"  y = {pyro.param('a')[k]:6.2f} + {pyro.param('b')[k]:5.2f} x   (weight {pyro.param('w')[k]:.2f}, "
               f"noise {pyro.param('s')[k]:.2f})")
     print("  (simulated lines: " + "; ".join(f"{a:g} + {b:g} x" for a, b in LINES.tolist()) + ", noise 0.3)")
+    print("  The mixture does not know that the regime depends on x: where the middle line crosses\n"
+          "  the outer two it cannot tell them apart, so its middle component is a compromise, as\n"
+          "  it should be. The gated model below uses x to choose the regime.")
     mixture_lines = (pyro.param("a").detach().clone(), pyro.param("b").detach().clone())
 
     pyro.clear_param_store()

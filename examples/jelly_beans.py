@@ -107,7 +107,9 @@ def main(n: int = 600, plot: str = "") -> None:
 
         colours = ["crimson", "limegreen", "gold"]
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        ax.scatter(beans[:, 0], beans[:, 1], s=8, c=[colours[i] for i in relabel[assigned]])
+        for k, (name, colour) in enumerate(zip(FLAVOURS, colours)):
+            mine = relabel[assigned] == k
+            ax.scatter(beans[mine, 0], beans[mine, 1], s=8, c=colour, label=f"sorted as {name}")
         ax.scatter(locs[order][:, 0], locs[order][:, 1], marker="x", s=120, c="black", label="fitted means")
         ax.set_xlabel("length (mm)")
         ax.set_ylabel("hue (degrees)")

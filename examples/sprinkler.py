@@ -7,8 +7,10 @@ a Pyro model, with conditional probability tables as simplex params indexed by t
 values, Cloudy as an enumerated latent, and WetGrass observed through ``obs_mask``. EM's
 closed-form M-step turns expected counts into new tables.
 
-Run:  python examples/sprinkler.py
+Run:  python examples/sprinkler.py [-n 5000]
 """
+
+import argparse
 
 import pyro
 import pyro.distributions as dist
@@ -78,4 +80,7 @@ def main(n: int = 5000) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=5000, help="number of days in the garden log")
+    args = parser.parse_args()
+    main(args.n)

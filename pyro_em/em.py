@@ -155,6 +155,8 @@ class EM:
         raises if its structure changed. ``False``: the model runs at every step (and every
         evaluation of ``Q``), slower, for models with side effects or whose structure may
         change; a structure change is then an error at the step where it happens.
+    :raises TypeError: if a guide is passed (``EM(model, guide)``, ``EM(model, guide=g)``,
+        ``EM(AutoDelta(model))``): EM needs the model alone; or an unknown keyword argument.
 
     **Missing observations.** Pyro's ``pyro.sample(name, fn, obs=x, obs_mask=mask)`` makes two
     sites, ``name_observed`` and ``name_unobserved``. EM's objective is the likelihood of the
@@ -198,7 +200,12 @@ class EM:
         reg_covar: float = 0.0,
         temperature: int = 1,
         jit: bool = True,
+        **unknown: Any,
     ):
+        if "guide" in unknown:
+            guide = (unknown.pop("guide"),)
+        if unknown:
+            raise TypeError(f"EM() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}.")
         if guide or isinstance(model, AutoGuide):
             raise TypeError(
                 "EM takes the model alone, without a guide: EM(model), where SVI took "

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_quick_mode():
     proc = subprocess.run([sys.executable, "bench_gpu.py", "--quick", "--repeat", "1"], cwd=BENCHMARKS,
                           capture_output=True, text=True, timeout=300)

@@ -47,6 +47,7 @@ def assert_same_fit(make, args, steps, state, which="q", **options):
         torch.testing.assert_close(recorded[name], value, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cjs_1", "cjs_2"])
 def test_capture_recapture(name):
     """Pyro's CJS models: MAP survival and recapture reach Bernoulli sites through products
@@ -61,6 +62,7 @@ def test_neural_hmm():
                     map_space="unconstrained", max_plate_nesting=1)
 
 
+@pytest.mark.slow
 def test_mixed_hmm():
     """examples/mixed_hmm: Gamma, VonMises and Beta emissions and zero-inflation masks, most
     params by L-BFGS."""

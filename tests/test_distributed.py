@@ -69,6 +69,7 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_make_the_iterates_of_one_on_all_the_data():
     (t, x), (sequences, lengths, args) = _data()
     expected = _run((t, x), [(sequences, lengths, args)], seed=0)

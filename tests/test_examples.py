@@ -36,9 +36,10 @@ def test_digits(capsys, tmp_path):
     assert float(out.split("named after their digit:")[1].split("%")[0]) > 50
 
 
-def test_poisson_mixture(capsys):
-    run("poisson_mixture.py", "-n", 1500, "--max-k", 4)
+def test_poisson_mixture(capsys, tmp_path):
+    run("poisson_mixture.py", "-n", 1500, "--max-k", 4, "--plot", tmp_path / "counts.png")
     assert "BIC chooses K = 3 kinds of hour" in capsys.readouterr().out
+    assert (tmp_path / "counts.png").exists()
 
 
 def test_experts(capsys, tmp_path):
@@ -48,16 +49,28 @@ def test_experts(capsys, tmp_path):
     assert float(out.split("test RMSE")[1].split()[0]) < 0.45
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_prints_help_with_a_text_for_every_flag(name):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
+    lines = proc.stdout.split("options:")[1].splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        same = line.strip().split("  ", 1)  # argparse puts the text after two spaces, or below
+        below = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("-") else ""
+        assert (same[1].strip() if len(same) > 1 else below), f"{name}: no help text for {line.strip()}"
+
+
 def test_svi_vs_em(capsys, tmp_path):
     run("svi_vs_em.py", "-n", 500, "--svi-steps", 300, "--lr", 0.05, "--plot", tmp_path / "svi.png")
     out = capsys.readouterr().out
     assert out.startswith("EM :") and "SVI:" in out and (tmp_path / "svi.png").exists()
 
 
-def test_sprinkler(capsys, monkeypatch):
-    torch.set_default_dtype(torch.float32)
-    monkeypatch.setattr(sys, "argv", ["sprinkler.py"])
-    runpy.run_path(str(EXAMPLES / "sprinkler.py"), run_name="__main__")
+def test_sprinkler(capsys):
+    run("sprinkler.py", "-n", 5000)
     out = capsys.readouterr().out
     assert "converged" in out and "wet: closed form" in out
     wet = out.split("wet grass")[1].split("]")[0].strip(" [").split(",")
@@ -78,6 +91,7 @@ def _fitted_means(out):
     return sorted(tuple(round(float(v)) for v in line.split("mean")[1].split()) for line in out.splitlines() if "mean" in line)
 
 
+@pytest.mark.slow
 def test_data_parallel_in_one_process_and_under_torchrun(capsys):
     run("data_parallel.py", "-n", 8000, "--batch-size", 3000)
     one = capsys.readouterr().out

@@ -178,6 +178,7 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, mo
         assert paths[s, :n].tolist() == viterbi_path[offsets[s]:offsets[s + 1]].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["sequential", "blocked", "parallel"])
 def test_long_sequence_in_float32_matches_float64(algorithm, monkeypatch):
     """T = 10,000 steps: no forward-backward algorithm underflows or drifts in float32."""

@@ -22,6 +22,7 @@ from pyro_em import EM
     seed=st.integers(0, 2**31 - 1),
     nested=st.booleans(),
 )
+@pytest.mark.slow
 def test_exact_em_never_increases_the_loss(m_step, K, N, D, seed, nested):
     """Exact EM on random Gaussian mixtures (optionally with a per-datum second latent):
     the loss is monotone, params stay on their constraints, posteriors are distributions.
@@ -67,6 +68,7 @@ CLEAR_ERRORS = "found no maximum|collapsed|\\+inf.*reg_covar|could not be initia
     seed=st.integers(0, 2**31 - 1),
     duplicates=st.booleans(),
 )
+@pytest.mark.slow
 def test_gradient_m_step_on_degenerate_mixtures(K, N, seed, duplicates):
     """Tiny, possibly repeated data and per-component scales, all by the gradient M-step:
     each step is monotone with finite params, or the fit stops with one of the clear errors

@@ -142,6 +142,7 @@ def test_unconstrained_beta_mode_is_pseudo_counts_plus_one():
     assert pyro.param("AutoDelta.p").item() == pytest.approx((3 + a) / (7 + a + b), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_mixed_hmm():
     """examples/mixed_hmm: discrete random effects at two plate levels, a masked individual
     plate, zero-inflated Gamma and Beta observations through MaskedMixture, VonMises angles;
@@ -177,6 +178,7 @@ def test_unbounded_map_objective_on_the_gradient_path():
     assert float(-5 / (2 - p) + 0.1 / p - 0.9 / (1 - p)) == pytest.approx(0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_neural_hmm():
     """examples/hmm.py's model 5: a network's emissions (gradient M-step, L-BFGS) beside a
     Dirichlet(0.1)-prior transition table (closed form, unconstrained coordinates)."""

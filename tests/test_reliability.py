@@ -130,7 +130,11 @@ def test_a_guide_is_not_a_model():
     with pytest.raises(TypeError, match="without a guide"):
         EM(mixture, guide)
     with pytest.raises(TypeError, match="without a guide"):
+        EM(mixture, guide=guide)
+    with pytest.raises(TypeError, match="without a guide"):
         EM(AutoDelta(mixture))
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) 'optimizer'"):
+        EM(mixture, optimizer=None)
 
 
 def test_data_contradicting_a_structural_zero_is_an_error():
