@@ -1,4 +1,4 @@
-"""The GPU benchmark's quick CPU mode runs and prints its table."""
+"""The benchmark scripts that tests can afford run and print their tables."""
 
 import subprocess
 import sys
@@ -19,3 +19,15 @@ def test_gpu_benchmark_quick_mode():
     for row in rows:
         pyro_em, peer, ratio = map(float, row.split()[-3:])
         assert pyro_em > 0 and peer > 0 and abs(ratio - pyro_em / peer) < 2e-3 * ratio
+
+
+@pytest.mark.slow
+def test_small_problems_benchmark_runs_and_both_reach_the_same_optimum():
+    proc = subprocess.run([sys.executable, "bench_small.py", "--repeat", "1"], cwd=BENCHMARKS,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("iris", "earthquake"))]
+    assert len(rows) == 2
+    for row in rows:
+        peer, ours = row.split()[-3], row.split()[-1]
+        assert peer == ours  # the same log-likelihood to 4 decimals
