@@ -1,6 +1,9 @@
-"""Right, or a clear error: constraints the closed form cannot keep, maxima on a boundary,
-collapses the closed form must see, and fits whose loss rose. Each test reproduces a silent
-wrong answer or a false alarm seen on models people bring."""
+"""Right, or a clear error, on the models people bring. Each test reproduces a silent wrong
+answer, a false alarm or an unhelpful error seen on such models: constraints the closed form
+cannot keep, maxima on a boundary against collapses (both M-steps), fits whose loss rose, the
+user's tensors, observed values outside their support, warnings about empty and symmetric
+components, ``obs_mask`` integrated out, models from outside Pyro's repository that failed,
+errors that keep their cause, and what later steps run (``jit``)."""
 
 import warnings
 
