@@ -302,6 +302,21 @@ def _read_unobserved(trace: Trace) -> set:
     return read
 
 
+def note_obs_mask(plan: MStepPlan, trace: Trace, read: set, prefix: str) -> None:
+    """Say in ``plan`` what EM does with the unobserved halves of ``obs_mask`` sites: integrated
+    out, or (those in ``read``, which a later site reads) MAP-estimated under ``prefix``."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["infer"].get(INTEGRATED_FLAG):
+            what = "integrated out (the unobserved entries, read by no other site)"
+        elif name in read:
+            what = f"the unobserved entries are continuous latents, read by a later site: MAP values, params '{prefix}.<site>'"
+        else:
+            continue
+        plan.notes.setdefault(what, []).append(name)
+
+
 def _constraint_not_kept(solution: Optional[constraints.Constraint], constraint: constraints.Constraint,
                          maps: tuple, where: str) -> Optional[str]:
     """Why a rule whose solutions satisfy ``solution`` (in the argument's space, reached from

@@ -20,9 +20,9 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import INTEGRATED_FLAG, check_fit_args, check_observations, model_errors, structure, structure_change
+from ._validation import check_fit_args, check_observations, model_errors, structure, structure_change
 from .chain import FusedChain, fuse_chain
-from .closed_form import MStepPlan, analysis_traces, check_hard_em, plan_m_step
+from .closed_form import MStepPlan, analysis_traces, check_hard_em, note_obs_mask, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
 from .gradient import GradientMStep
 from .iteration import PlanCache, PlannedBatch, _rollback_new_params
@@ -368,7 +368,7 @@ class EM:
                 self._map.read_unobserved |= plan.read_unobserved
                 tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
                 plan = plan_m_step(tracked, scored, self.m_step)
-            _note_obs_mask(plan, tracked, self._map)
+            note_obs_mask(plan, tracked, self._map.read_unobserved, self.map_prefix)
             if self.temperature == 0:
                 check_hard_em(tracked)
             chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 and self.jit else None
@@ -619,21 +619,6 @@ class EM:
     def _free_parameters(self, estep: EStep) -> int:
         names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
         return selection.count_free_parameters(pyro.get_param_store(), names)
-
-
-def _note_obs_mask(plan: MStepPlan, trace, messenger: MapMessenger) -> None:
-    """Say in ``plan`` what EM does with the unobserved halves of ``obs_mask`` sites."""
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        if site["infer"].get(INTEGRATED_FLAG):
-            what = "integrated out (the unobserved entries, read by no other site)"
-        elif name in messenger.read_unobserved:
-            what = (f"the unobserved entries are continuous latents, read by a later site: MAP "
-                    f"values, params '{messenger.prefix}.<site>'")
-        else:
-            continue
-        plan.notes.setdefault(what, []).append(name)
 
 
 def _own_param_storage(trace, arguments: list) -> bool:

@@ -84,6 +84,10 @@ class MapMessenger(Messenger):
         continuous latents (the planner adds them; see :meth:`_pyro_sample`)."""
         self._observed = None  # the last observed site of this run: (name, value)
 
+    def __enter__(self):
+        self._observed = None  # (each run of the model starts afresh)
+        return super().__enter__()
+
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
         if msg["is_observed"]:

@@ -144,9 +144,10 @@ def _warn_symmetric(names, groups: List[torch.Tensor]) -> None:
         if r.shape[0] < 2 or len(live) < 2:
             continue
         tol = 1e-9 * float(r.abs().max())
-        pairs = [(i, j) for a, i in enumerate(live) for j in live[a + 1 :] if float((r[:, i] - r[:, j]).abs().max()) <= tol]
-        if pairs:
-            what = f"values {pairs[0][0]} and {pairs[0][1]} of a latent with {K} values have the same posterior everywhere"
+        pair = _equal_pair(r[:, live].T, tol)
+        if pair is not None:
+            i, j = sorted(live[k] for k in pair)
+            what = f"values {i} and {j} of a latent with {K} values have the same posterior everywhere"
         elif float((r - r[:1]).abs().max()) <= tol:
             what = f"a latent with {K} values has the same posterior for every datum (its components do not differ)"
         else:
@@ -169,9 +170,21 @@ def _equal_slices(value: torch.Tensor, K: int, rtol: float = 0.0) -> bool:
     """Whether ``value`` has a dim of size ``K`` along which two slices are equal (up to
     ``rtol``, relative to the largest entry)."""
     atol = rtol * float(value.abs().max()) if value.numel() else 0.0
-    for d, size in enumerate(value.shape):
-        if size == K:
-            flat = value.movedim(d, 0).reshape(K, -1)
-            if any(float((flat[i] - flat[j]).abs().max()) <= atol for i in range(K) for j in range(i + 1, K)):
-                return True
-    return False
+    return any(
+        _equal_pair(value.movedim(d, 0).reshape(K, -1), atol) is not None for d, size in enumerate(value.shape) if size == K
+    )
+
+
+def _equal_pair(rows: torch.Tensor, atol: float) -> Optional[tuple]:
+    """Two of ``rows`` (``(K, M)``) that agree to ``atol`` everywhere, or ``None``. Equal rows
+    have equal sums: the rows are sorted by their sums and neighbours compared, ``O(K M)``
+    (a per-datum param has as many rows as data)."""
+    if rows.shape[0] < 2:
+        return None
+    order = rows.sum(1).argsort()
+    ordered = rows[order]
+    same = ((ordered[1:] - ordered[:-1]).abs().amax(1) <= atol).nonzero().reshape(-1)
+    if not len(same):
+        return None
+    k = int(same[0])
+    return int(order[k]), int(order[k + 1])
