@@ -1,12 +1,12 @@
 """Time EM steps whose M-step needs gradients, against one E-step of the same model.
 
 A param that enters its distribution through a computation has no closed form: the M-step
-maximizes ``Q`` numerically. Its evaluations replay ``Q`` recorded as a program of tensor
-operations (:mod:`pyro_em.compiled`) from a batch's third on, and the closed-form stage of a
-step replays too, after 20 steps. This prints, for each model, one E-step, one steady-state
-EM step (after 25 steps, as in a fit), their ratio (goal: at most 3 for the mixture of
-regressions, at most 10 for the capture-recapture models), and the EM step with nothing
-replayed (``pyro_em.compiled.ENABLED = False``):
+maximizes ``Q`` numerically. Its evaluations run ``Q`` captured as a graph of tensor
+operations (:mod:`pyro_em.program`) from a batch's second on, and the closed-form stage of a
+step is captured too, after 20 steps. This prints, for each model, one E-step, one
+steady-state EM step (after 25 steps, as in a fit), their ratio (goal: at most 3 for the
+mixture of regressions, at most 10 for the capture-recapture models), and the EM step that
+runs the model every time (``EM(model, jit=False)``):
 
   * a mixture of K=3 linear regressions, N=2,000 points (intercepts and slopes by gradient);
   * Cormack-Jolly-Seber capture-recapture models as Pyro's examples write them (survival
@@ -27,7 +27,6 @@ import torch
 from pyro import poutine
 from torch.distributions import constraints
 
-import pyro_em.compiled
 from _timing import best_time
 from pyro_em import EM
 
@@ -84,18 +83,16 @@ WARM_UP = 25
 def measure(label, model, args, repeat):
     steps, firsts = {}, {}
     for recorded in (True, False):
-        pyro_em.compiled.ENABLED = recorded
         pyro.clear_param_store()
-        em = EM(model)
+        em = EM(model, jit=recorded)
         start = time.perf_counter()
         em.step(*args)
         firsts[recorded] = time.perf_counter() - start
-        for _ in range(WARM_UP):  # to the steady state of a fit: every recording made
+        for _ in range(WARM_UP):  # to the steady state of a fit: every capture made
             em.step(*args)
         if recorded:
             t_e = best_time(lambda: em.e_step(*args), repeat)
         steps[recorded] = best_time(lambda: em.step(*args), repeat)
-    pyro_em.compiled.ENABLED = True
     t_step, first = steps[True], firsts[True]
     print(f"{label:44s} {t_e:8.4f} {t_step:8.4f} {t_step / t_e:7.1f} {first:8.3f} {steps[False]:10.4f}")
 

@@ -228,6 +228,7 @@ class EM:
         if not isinstance(jit, bool):
             raise ValueError(f"jit must be True or False, got {jit!r}.")
         self.jit = jit
+        self.compile = False
         self.temperature = temperature
         self.model = model
         self.reg_covar = float(reg_covar)

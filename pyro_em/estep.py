@@ -69,7 +69,7 @@ def trace_model(model: Callable, args: tuple, kwargs: dict, first_available_dim:
     :param shapes_only: give each site a log density of the right shape made of zeros (a
         broadcast view: no memory, no work), for analyses that need the trace's structure only.
     :param subsample: allow plates that subsample (stepwise EM).
-    :param record: for a run that :mod:`pyro_em.compiled` records: no checks, and each site's
+    :param record: for a run that :mod:`pyro_em.program` captures: no checks, and each site's
         own ``log_prob`` (the kernels choose their path by looking at values).
     :raises ValueError: if a latent site cannot be enumerated or an observation is not finite.
     """

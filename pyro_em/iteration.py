@@ -24,7 +24,8 @@ from . import distributed, hmm
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE, FusedChain
 from .closed_form import MStepPlan, estep_parts, solve, summarize, write
-from .compiled import BatchQ, StepProgram
+from . import program
+from .program import BatchQ, Program, StepProgram
 from .estep import EStep, enum_symbols
 from .gradient import Objective
 from .hmm import hmm_log_prob
@@ -329,20 +330,22 @@ class _Pieces:
 
 
 def _step_program(em: "EM", pb: PlannedBatch) -> StepProgram:
-    """The batch's recorded closed-form stage (see :mod:`pyro_em.compiled`), new where a
+    """The batch's closed-form stage program (see :mod:`pyro_em.program`), new where a
     setting it reads has changed."""
     key = (em.reg_covar, em.temperature, hmm.ALGORITHM)
     if pb.step is None or pb.step.key != key:
-        pb.step = StepProgram(key, traced=pb.chain is None)
+        after = program.CAPTURE_AFTER if pb.chain is not None else program.CAPTURE_TRACED_AFTER
+        pb.step = StepProgram(key, Program(em.compile, finite=False, enabled=em.jit, after=after))
     return pb.step
 
 
 def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:
-    """The batch's piece of ``Q`` (see :mod:`pyro_em.compiled`), made at its first use."""
+    """The batch's piece of ``Q`` (see :mod:`pyro_em.program`), made at its first use."""
     if pb.q is None:
         args, kwargs = pb.args, pb.kwargs
         pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params),
-                      [name for name in pb.plan.params if name not in pb.plan.closed_form], replay=em.jit)
+                      [name for name in pb.plan.params if name not in pb.plan.closed_form],
+                      Program(em.compile, enabled=em.jit))
     return pb.q
 
 
