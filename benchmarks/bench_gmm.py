@@ -12,8 +12,10 @@ Also prints the peak memory of an EM step beyond what it starts with, relative t
 array (what the E-step inherently touches), measured in a child process.
 
 With ``--diagonal``, a diagonal-covariance mixture against scikit-learn's ``"diag"`` instead.
+With ``--compile [MODE]``, the step of ``EM(model, compile=MODE)`` against the default step
+(goal: at most 0.6 in float32, the same losses to 1e-5).
 
-Run:  python benchmarks/bench_gmm.py [--n 100000 --d 8 --k 8 --dtype float64 --repeat 5] [--diagonal]
+Run:  python benchmarks/bench_gmm.py [--n 100000 --d 8 --k 8 --dtype float64 --repeat 5] [--diagonal | --compile]
 Needs scikit-learn; pomegranate is timed when installed (``pip install -e ".[bench]"``).
 """
 
@@ -21,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -167,6 +170,35 @@ def diagonal(N, D, K, dtype, repeat, m=10):
     print(f"{'pyro_em EM step':36s} {t_em:8.4f} {t_em / t_sk:7.2f}  (pyro_em / scikit-learn)")
 
 
+def compiled(N, D, K, dtype, repeat, mode, m=5):
+    """Seconds per step of the full-covariance mixture with ``EM(model, compile=mode)`` against
+    the default step (the captured graph run as it is), from the same start, and the largest
+    relative difference of their losses over ``m`` steps."""
+    torch.manual_seed(0)
+    centres = torch.randn(K, D, dtype=dtype) * 4
+    data = centres[torch.randint(K, (N,))] + torch.randn(N, D, dtype=dtype)
+    init = (torch.full((K,), 1.0 / K, dtype=dtype), data[torch.randperm(N)[:K]].clone(),
+            torch.eye(D, dtype=dtype).expand(K, D, D).clone())
+    model = make_model(N, D, K, init)
+    times, losses, warm = {}, {}, {}
+    for option in (False, mode):
+        pyro.clear_param_store()
+        em = EM(model, max_plate_nesting=1, compile=option)
+        start = time.perf_counter()
+        for _ in range(3):  # plan, capture (and compile), check against Python
+            em.step(data)
+        warm[option] = time.perf_counter() - start
+        losses[option] = [em.step(data) for _ in range(m)]
+        times[option] = best_time(lambda: em.step(data), repeat)
+        status = str(em.plan).splitlines()[-1]
+    gap = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[mode]))
+    print(f"GMM full covariance, N={N} D={D} K={K}, {str(dtype)[6:]}, torch threads={torch.get_num_threads()}")
+    print(f"{'default step (graph module)':36s} {times[False]:8.4f}   first 3 steps {warm[False]:6.2f} s")
+    print(f"{f'compile={mode!r} step':36s} {times[mode]:8.4f}   first 3 steps {warm[mode]:6.2f} s")
+    print(f"{'ratio compiled / default':36s} {times[mode] / times[False]:8.2f}   losses agree to {gap:.1e} (relative)")
+    print(f"  {status}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -176,8 +208,13 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="only measure peak memory (Linux)")
     parser.add_argument("--diagonal", action="store_true", help="a diagonal-covariance mixture instead")
+    parser.add_argument("--compile", nargs="?", const=True, default=None,
+                        help="time EM(model, compile=MODE) against the default step (MODE: a torch.compile mode; "
+                             "none given: compile=True)")
     args = parser.parse_args()
-    if args.diagonal:
+    if args.compile is not None:
+        compiled(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, args.compile)
+    elif args.diagonal:
         diagonal(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat)
     else:
         main(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, memory_only=args.memory)

@@ -125,7 +125,7 @@ def pyro_example(repeat):
     for fused in (True, False):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        with contextlib.nullcontext() if fused else mock.patch("pyro_em.em.fuse_chain", lambda *a: None):
+        with contextlib.nullcontext() if fused else mock.patch("pyro_em.planner.fuse_chain", lambda *a: None):
             em = EM(M.hmm_1, map_space="unconstrained", max_plate_nesting=2)
             start = time.perf_counter()
             em.step(seqs, lengths, args)
@@ -154,9 +154,8 @@ def scan(repeat):
         X = torch.randint(6, (S, T), generator=g)
         times = []
         for algorithm in H.ALGORITHMS:
-            H.ALGORITHM = algorithm
-            times.append(best_time(lambda: H.forward_backward(fn, X), repeat))
-        H.ALGORITHM = None
+            with H.algorithm(algorithm):
+                times.append(best_time(lambda: H.forward_backward(fn, X), repeat))
         pick = H.choose_algorithm(S, T, K, device)
         print(f"{S:5d} {T:7d} {K:3d} " + " ".join(f"{t:10.4f}" for t in times) + f" {pick:>11s}")
 

@@ -71,7 +71,10 @@ class MStepPlan:
     sites, printed after the params."""
     batch_free: bool = True
     """Whether the plan holds nothing that varies along a plate (no param indexed by the
-    data): it then serves every batch of the same shapes (see :class:`~pyro_em.iteration.PlanCache`)."""
+    data): it then serves every batch of the same shapes (see :class:`~pyro_em.planner.PlanCache`)."""
+    runs: str = ""
+    """How the latest batch's steps run (its E-step backend and programs), printed last (see
+    :attr:`pyro_em.EM.plan`)."""
 
     @property
     def params(self) -> List[str]:
@@ -87,6 +90,8 @@ class MStepPlan:
             lines.append(f"{name}: gradient ({why})")
         for what, sites in self.notes.items():
             lines.extend(f"{phrase}: {what}" for phrase in _grouped_sites([("obs_mask", site) for site in sites]))
+        if self.runs:
+            lines.append(self.runs)
         return "\n".join(lines)
 
 

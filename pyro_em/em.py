@@ -1,7 +1,6 @@
 """The EM driver: SVI's ``step`` / ``evaluate_loss`` shape, plus ``fit`` and ``posterior``."""
 
 import functools
-import gc
 import logging
 import math
 import sys
@@ -9,30 +8,30 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import pyro
-import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
-from ._validation import check_fit_args, check_observations, model_errors, structure, structure_change
-from .chain import FusedChain, fuse_chain
-from .closed_form import MStepPlan, analysis_traces, check_hard_em, note_obs_mask, plan_m_step
-from .estep import EStep, e_step, enum_model, trace_model
+from ._validation import check_fit_args
+from .chain import FusedChain
+from .closed_form import MStepPlan
+from .estep import EStep
 from .gradient import GradientMStep
-from .iteration import PlanCache, PlannedBatch, _rollback_new_params
+from .hmm import ALGORITHMS
 from .map_sites import MapMessenger
+from .planner import Planner, rows
 from . import iteration, restarts, selection
 from .posterior import site_marginals
 
 logger = logging.getLogger("pyro_em")
 M_STEPS = ("auto", "closed_form", "gradient")
-_PROBE_DIMS = 16  # enumeration dims for the plate-nesting probe start this far left
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _accepts_numpy(method: Callable) -> Callable:
@@ -145,18 +144,30 @@ class EM:
         minus the log joint density of that completion. With fixed equal weights and one fixed
         spherical scale this is Lloyd's k-means.
     :param jit: ``True`` (the default): the model is planned once per batch of data, and
-        later steps may run without running the Python model again, as Pyro's
+        later steps run without running the Python model again, as Pyro's
         ``JitTraceEnum_ELBO`` does: a plain mixture or a recognized ``pyro.markov`` chain steps
-        as one fused forward-backward pass (:attr:`fused_chain`), and after a few steps a
-        step's tensor operations replay as recorded (:mod:`pyro_em.compiled`). The model must
-        then be a pure function of its params and data: its side effects happen only when it
-        runs, and its sites, shapes and plates must not depend on param values. With Pyro's
-        validation on (its default), :meth:`fit` runs the model once more at the end and
-        raises if its structure changed. ``False``: the model runs at every step (and every
-        evaluation of ``Q``), slower, for models with side effects or whose structure may
-        change; a structure change is then an error at the step where it happens.
+        as one fused forward-backward pass (:attr:`fused_chain`), and a step's tensor
+        operations are captured once as a graph (``make_fx``) that later steps run
+        (:mod:`pyro_em.program`; the design page of the docs). The model must then be a pure
+        function of its params and data: its side effects happen only when it runs, and its
+        sites, shapes and plates must not depend on param values. With Pyro's validation on
+        (its default), :meth:`fit` runs the model once more at the end and raises if its
+        structure changed. ``False``: the model runs at every step (and every evaluation of
+        ``Q``), slower, for models with side effects or whose structure may change; a
+        structure change is then an error at the step where it happens.
+    :param compile: ``False`` (the default): captured graphs run as ``torch.fx`` graph
+        modules. ``True`` or a :func:`torch.compile` mode (``"default"``,
+        ``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``,
+        ``"max-autotune-no-cudagraphs"``): they are compiled (inductor: fused kernels), at a
+        cost of seconds at the first step that runs each graph; worth it for long fits on
+        large data, or on a GPU.
+    :param hmm_algorithm: the forward-backward algorithm of ``pyro.markov`` chains and
+        ``DiscreteHMM`` sites: ``None`` (the default) to choose per call
+        (:func:`pyro_em.hmm.choose_algorithm`), or ``"sequential"``, ``"blocked"`` or
+        ``"parallel"``.
     :raises TypeError: if a guide is passed (``EM(model, guide)``, ``EM(model, guide=g)``,
         ``EM(AutoDelta(model))``): EM needs the model alone; or an unknown keyword argument.
+    :raises ValueError: if an option is out of range.
 
     **Missing observations.** Pyro's ``pyro.sample(name, fn, obs=x, obs_mask=mask)`` makes two
     sites, ``name_observed`` and ``name_unobserved``. EM's objective is the likelihood of the
@@ -200,6 +211,8 @@ class EM:
         reg_covar: float = 0.0,
         temperature: int = 1,
         jit: bool = True,
+        compile: Union[bool, str] = False,
+        hmm_algorithm: Optional[str] = None,
         **unknown: Any,
     ):
         if "guide" in unknown:
@@ -227,61 +240,65 @@ class EM:
             raise ValueError(f"temperature must be 1 (EM) or 0 (hard EM), got {temperature!r}.")
         if not isinstance(jit, bool):
             raise ValueError(f"jit must be True or False, got {jit!r}.")
-        self.jit = jit
-        self.compile = False
-        self.temperature = temperature
+        if not (isinstance(compile, bool) or compile in COMPILE_MODES):
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}.")
+        if hmm_algorithm is not None and hmm_algorithm not in ALGORITHMS:
+            raise ValueError(f"hmm_algorithm must be None or one of {ALGORITHMS}, got {hmm_algorithm!r}.")
         self.model = model
         self.reg_covar = float(reg_covar)
-        self.plan: Optional[MStepPlan] = None
-        """How each param is updated (an :class:`~pyro_em.closed_form.MStepPlan`; print it),
-        made at the first :meth:`step` and again when the model's arguments change."""
-        self._plans = PlanCache()
-        self._online: Optional[iteration.Online] = None
-        self.fused_chain: Optional[FusedChain] = None
-        """The ``pyro.markov`` chain (or plain mixture, a chain of length one) that steps run
-        as one DiscreteHMM, without tracing the model, if the plan recognized one (see
-        :mod:`pyro_em.chain`); else ``None``."""
+        self.hmm_algorithm = hmm_algorithm
         self.m_step = m_step
-        self.max_plate_nesting = max_plate_nesting
         self.map_prefix = map_prefix
-        self._map = MapMessenger(init_loc_fn, map_prefix, map_space)
-        self.fitted_model = self._map(model)
+        self._planner = Planner(model, MapMessenger(init_loc_fn, map_prefix, map_space), m_step, max_plate_nesting,
+                                temperature, jit, compile, self._subsample)
+        self.fitted_model = self._planner.fitted_model
         """``model`` with MAP-estimated sites fixed to their values in the param store: a
         plain Pyro model for :func:`~pyro.infer.infer_discrete`, ``Predictive`` and the like."""
+        self._online: Optional[iteration.Online] = None
         self._gradient_m_step = GradientMStep(optim, num_steps)
         self._numpy_tensors: Dict[int, tuple] = {}
         self.stalled: List[str] = []
         """Params the last step's gradient M-step could not move although Q's gradient in
         them is not small (see :class:`MStepWarning`)."""
 
-    def _first_available_dim(self, args: tuple, kwargs: dict) -> int:
-        if self.max_plate_nesting is None:
-            trace = self._probe_trace(args, kwargs)
-            self.max_plate_nesting = max(
-                [
-                    -f.dim
-                    for site in trace.nodes.values()
-                    if site["type"] == "sample"
-                    for f in site["cond_indep_stack"]
-                    if f.vectorized
-                ],
-                default=0,
-            )
-        return -self.max_plate_nesting - 1
+    @property
+    def plan(self) -> Optional[MStepPlan]:
+        """How each param is updated (an :class:`~pyro_em.closed_form.MStepPlan`; print it),
+        made at the first :meth:`step` and again when the model's arguments change; its
+        printout ends with how the batch's steps run (the E-step backend, and whether its
+        programs run as captured graphs or in Python, and why)."""
+        plan = self._planner.plan
+        if plan is not None:
+            plan.runs = self._planner.describe()
+        return plan
 
-    def _probe_trace(self, args: tuple, kwargs: dict):
-        """A trace that shows the model's plates, as cheap as a trace can be: latents are
-        enumerated on dims far to the left (so ``locs[z]`` is K rows, not one per datum), with
-        no autograd. A model that resists that is traced with sampled latents instead."""
-        with poutine.block(), torch.no_grad(), model_errors(args, kwargs), pyro.validation_enabled(False):
-            try:
-                return poutine.trace(enum_model(self.fitted_model, -_PROBE_DIMS)).get_trace(*args, **kwargs)
-            except (ValueError, RuntimeError, IndexError):
-                return poutine.trace(self.fitted_model).get_trace(*args, **kwargs)
+    @property
+    def fused_chain(self) -> Optional[FusedChain]:
+        """The ``pyro.markov`` chain (or plain mixture, a chain of length one) that steps run
+        as one DiscreteHMM, without tracing the model, if the plan recognized one (see
+        :mod:`pyro_em.chain`); else ``None``."""
+        latest = self._planner.latest
+        return latest.chain if latest is not None else None
 
-    def _trace(self, args: tuple, kwargs: dict, record: bool = False):
-        return trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs),
-                           subsample=self._subsample, record=record)
+    @property
+    def max_plate_nesting(self) -> Optional[int]:
+        """The model's plate nesting (probed by running the model once, unless given)."""
+        return self._planner.max_plate_nesting
+
+    @property
+    def temperature(self) -> int:
+        """``1`` for EM, ``0`` for hard EM (see the class docs)."""
+        return self._planner.temperature
+
+    @property
+    def jit(self) -> bool:
+        """Whether steps run the model as planned, from captured programs (see the class docs)."""
+        return self._planner.jit
+
+    @property
+    def compile(self) -> Union[bool, str]:
+        """Whether (and how) captured programs are compiled by :func:`torch.compile`."""
+        return self._planner.compile
 
     @_accepts_numpy
     def e_step(self, *args: Any, **kwargs: Any) -> EStep:
@@ -336,7 +353,8 @@ class EM:
         return self._step_batches(batches)[0]
 
     def _run(self, batches: Iterable, keep: bool, cache: bool = True) -> Tuple[float, int]:
-        loss, rows = iteration.run(self, batches, keep, self._online, cache)
+        settings = iteration.Settings(self.reg_covar, self._gradient_m_step, self.map_prefix, self.hmm_algorithm)
+        loss, rows, self.stalled = iteration.run(self._planner, settings, batches, keep, self._online, cache)
         if self.stalled:
             warnings.warn(
                 "The gradient M-step could not increase Q along param(s) "
@@ -347,38 +365,6 @@ class EM:
                 stacklevel=3,
             )
         return loss, rows
-
-    def _plan_batch(self, args: tuple, kwargs: dict, cache: bool = True) -> PlannedBatch:
-        """The plan of a batch of model arguments, made by tracing the model (cheap: no log
-        density is computed) unless cached."""
-        key = _args_key(args, kwargs) + (tuple(kwargs),)
-        arguments = [*args, *kwargs.values()]
-        planned = self._plans.get(key, arguments)
-        shared = self._plans.shared(args, kwargs) if planned is None else None
-        if shared is not None:  # another batch's plan, tied to nothing in its data
-            planned = PlannedBatch(args, kwargs, shared, None)
-            self._plans.put(key if cache else None, planned)
-        elif planned is None:
-            first_dim = self._first_available_dim(args, kwargs)
-            tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
-            if _own_param_storage(tracked, arguments):  # (the trace held the user's tensor)
-                tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
-            check_observations(tracked)
-            plan = plan_m_step(tracked, scored, self.m_step)
-            if plan.read_unobserved - self._map.read_unobserved:  # continuous latents after all
-                self._map.read_unobserved |= plan.read_unobserved
-                tracked, scored = analysis_traces(self.fitted_model, args, kwargs, first_dim, self._subsample)
-                plan = plan_m_step(tracked, scored, self.m_step)
-            note_obs_mask(plan, tracked, self._map.read_unobserved, self.map_prefix)
-            if self.temperature == 0:
-                check_hard_em(tracked)
-            chain = fuse_chain(tracked, scored, plan) if self.temperature == 1 and self.jit else None
-            planned = PlannedBatch(args, kwargs, plan, chain, planned_structure=structure(tracked))
-            del tracked, scored
-            gc.collect(1)  # the analysis traces hold reference cycles: free them before the step
-            self._plans.put(key if cache else None, planned)
-        self.plan, self.fused_chain = planned.plan, planned.chain
-        return planned
 
     def fit(
         self,
@@ -425,7 +411,11 @@ class EM:
         max_iter, tol = check_fit_args(max_iter, tol)
         fit_kwargs = dict(max_iter=max_iter, tol=tol, progress=progress, callback=callback)
         if n_init != 1 or init is not None:
-            result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
+            trace = self._planner.probe_trace(args, kwargs)  # (creates the params)
+            names = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+            result = restarts.fit_restarts(lambda: self._fit_once(args, kwargs, **fit_kwargs),
+                                           lambda: self.evaluate_loss(*args, **kwargs), self._new_run,
+                                           names, args, kwargs, n_init, init)
         else:
             result = self._fit_once(args, kwargs, **fit_kwargs)
         self._check_structure_kept(args, kwargs)
@@ -434,12 +424,12 @@ class EM:
         return result
 
     def _fit_once(self, args: tuple, kwargs: dict, **fit_kwargs) -> EMResult:
-        points = iteration.rows(args, kwargs)
+        points = rows(args, kwargs)
         return self._fit_loop(lambda: (self.step(*args, **kwargs), points), **fit_kwargs)
 
     def _new_run(self) -> None:
         """Forget what depends on the params' identity (a restart makes new ones)."""
-        self._plans.clear()
+        self._planner.new_run()
 
     def fit_batches(
         self,
@@ -527,24 +517,11 @@ class EM:
     def _check_structure_kept(self, args: tuple, kwargs: dict) -> None:
         """With Pyro's validation on and ``jit=True``: run the model once more after a fit and
         raise if its sites, shapes or plates differ from those it was planned with (steps that
-        do not run the model, a fused chain's or a replayed one's, would not have seen it)."""
+        do not run the model, a fused chain's or a captured program's, would not have seen it)."""
         from pyro.infer.util import is_validation_enabled
 
-        planned = self._plans.peek(_args_key(args, kwargs) + (tuple(kwargs),))
-        if not self.jit or not is_validation_enabled() or planned is None or planned.planned_structure is None:
-            return
-        with torch.no_grad():
-            trace = trace_model(self.fitted_model, args, kwargs, self._first_available_dim(args, kwargs),
-                                shapes_only=True, subsample=self._subsample)
-        change = structure_change(planned.planned_structure, structure(trace))
-        if change is not None:
-            raise RuntimeError(
-                f"The model's structure changed during the fit ({change}), while its steps ran "
-                "the model as it was planned, without running the Python model again (a fused "
-                "chain or a replayed program). Make the structure independent of the params, or "
-                "fit with EM(model, jit=False), which runs the model at every step (and raises at "
-                "the step where it changes)."
-            )
+        if self.jit and is_validation_enabled():
+            self._planner.check_structure_kept(args, kwargs)
 
     def _round_off(self) -> float:
         """The relative change of the loss that round-off can make, in the params' precision."""
@@ -613,39 +590,11 @@ class EM:
     def _e_step_at(self, temperature: int, args: tuple, kwargs: dict) -> EStep:
         """The E-step at ``temperature`` (whatever :attr:`temperature` the fit uses); params it
         creates are removed again if it fails."""
-        with _rollback_new_params():
-            first_dim = self._first_available_dim(args, kwargs)
-            return e_step(self.fitted_model, args, kwargs, first_dim, temperature, self._subsample)
+        return self._planner.e_step(temperature, args, kwargs)
 
     def _free_parameters(self, estep: EStep) -> int:
         names = [n for n, site in estep.trace.nodes.items() if site["type"] == "param"]
         return selection.count_free_parameters(pyro.get_param_store(), names)
-
-
-def _own_param_storage(trace, arguments: list) -> bool:
-    """Give every param of ``trace`` that shares memory with a tensor argument of the model
-    (``pyro.param("locs", data[:2])``: Pyro keeps the view) a copy of its own, so that the
-    M-step, which writes params in place, never writes into the user's data.
-
-    :returns: whether any param was copied (its old tensor is no longer the store's)."""
-    store = pyro.get_param_store()
-    owned = {a.untyped_storage().data_ptr() for a in arguments if isinstance(a, torch.Tensor) and a.numel()}
-    copied = False
-    for name, site in trace.nodes.items():
-        if site["type"] != "param" or name not in store:
-            continue
-        p = store._params[name]
-        if p.numel() and p.untyped_storage().data_ptr() in owned:
-            own = p.detach().clone().requires_grad_()
-            store._params[name] = own
-            store._param_to_name.pop(p, None)
-            store._param_to_name[own] = name
-            copied = True
-    return copied
-
-
-def _args_key(args: tuple, kwargs: dict) -> tuple:
-    return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values()))
 
 
 class _Batches:

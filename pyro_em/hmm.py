@@ -18,10 +18,12 @@ matrix products, every posterior as its gradient, in ``2 log2 T`` steps.
 :func:`choose_algorithm` picks one per call.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 import operator
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions import DiscreteHMM
@@ -316,8 +318,28 @@ _last_forward: list = []  # (fn, value, _Forward) of the latest E-step, reused b
 
 ALGORITHMS = ("sequential", "blocked", "parallel")
 
-#: ``None`` to choose per call (:func:`choose_algorithm`), or one of :data:`ALGORITHMS` to force it.
-ALGORITHM: Optional[str] = None
+_ALGORITHM: contextvars.ContextVar = contextvars.ContextVar("pyro_em_hmm_algorithm", default=None)
+
+
+@contextlib.contextmanager
+def algorithm(name: Optional[str]) -> Iterator[None]:
+    """Inside the block, every forward-backward pass uses ``name`` (one of :data:`ALGORITHMS`);
+    ``None`` keeps the enclosing block's choice, by default the one :func:`choose_algorithm`
+    makes per call. ``EM(model, hmm_algorithm=...)`` runs its steps so.
+
+    Example::
+
+        with pyro_em.hmm.algorithm("parallel"):
+            em.fit(data)
+
+    :raises ValueError: if ``name`` is not ``None`` nor one of :data:`ALGORITHMS`."""
+    if name is not None and name not in ALGORITHMS:
+        raise ValueError(f"hmm_algorithm must be None or one of {ALGORITHMS}, got {name!r}.")
+    token = _ALGORITHM.set(name if name is not None else _ALGORITHM.get())
+    try:
+        yield
+    finally:
+        _ALGORITHM.reset(token)
 
 
 def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
@@ -332,8 +354,9 @@ def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
       the blocked one's work: on a GPU (a sequential step is a kernel launch), and on a CPU
       for a long sequence over very few states (``batch K^3 <= 64``, ``T >= 4096``).
     """
-    if ALGORITHM is not None:
-        return ALGORITHM
+    forced = _ALGORITHM.get()
+    if forced is not None:
+        return forced
     if device.type != "cpu":
         return "parallel" if T > 1 else "sequential"
     if T >= 4096 and batch * K**3 <= 64:
@@ -360,8 +383,6 @@ def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
 def _algorithm(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor) -> str:
     batch = broadcast_shapes(initial.shape[:-1], obs.shape[:-2]).numel()
     algorithm = choose_algorithm(batch, obs.shape[-2], obs.shape[-1], obs.device)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"pyro_em.hmm.ALGORITHM must be None or one of {ALGORITHMS}, got {algorithm!r}.")
     if algorithm == "blocked" and any(n > 1 for n in compact(trans).shape[:-3]):
         return "sequential"  # transitions that vary by sequence: not blocked (yet)
     return algorithm

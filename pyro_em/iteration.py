@@ -15,118 +15,38 @@ like params, are shared by all batches), are counted once: with the first batch 
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pyro
 import torch
 
-from . import distributed, hmm
+from . import distributed
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
-from .chain import SITE, FusedChain
+from .chain import SITE
 from .closed_form import MStepPlan, estep_parts, solve, summarize, write
-from . import program
-from .program import BatchQ, Program, StepProgram
 from .estep import EStep, enum_symbols
-from .gradient import Objective
-from .hmm import hmm_log_prob
+from .gradient import GradientMStep, Objective
+from .hmm import algorithm, hmm_log_prob
 from .map_sites import check_map_bounded
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .em import EM
+from .planner import PlannedBatch, Planner, rollback_new_params
 
 Batch = Tuple[tuple, Dict[str, Any]]
 Stats = Dict[str, Dict[str, torch.Tensor]]
 
 
 @dataclass
-class PlannedBatch:
-    """A batch of model arguments with its plan: plans hold index maps that may depend on the
-    data, so each batch has its own (see :class:`PlanCache`)."""
+class Settings:
+    """What a step reads besides the plan: the driver's options at the time of the step."""
 
-    args: tuple
-    kwargs: Dict[str, Any]
-    plan: MStepPlan
-    chain: Optional[FusedChain]
-    structure: Optional[tuple] = None  # of its first E-step's trace, which later ones must keep
-    planned_structure: Optional[tuple] = None  # of the trace the plan was made from
-    q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
-    step: Optional[StepProgram] = None  # its recorded closed-form stage, once EM.step ran it
+    reg_covar: float
+    gradient: GradientMStep
+    map_prefix: str
+    hmm_algorithm: Optional[str] = None
 
     @property
-    def updates(self) -> MStepPlan:
-        """The plan whose uses the closed-form rules read: the fused chain's, if any."""
-        return self.chain.plan if self.chain is not None else self.plan
-
-    @property
-    def rows(self) -> int:
-        """The batch's data points (see :func:`rows`)."""
-        return rows(self.args, self.kwargs)
-
-
-def rows(args: tuple, kwargs: dict) -> int:
-    """The size of the first dim of the first tensor argument: a batch's data points."""
-    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    return int(first.shape[0]) if first is not None and first.dim() else 1
-
-
-class PlanCache:
-    """Plans keyed by the identity (and version) of their batch's arguments, kept while
-    iterations use them: a plan no iteration used is dropped when the next one ends.
-
-    A plan that holds nothing tied to the data (:attr:`MStepPlan.batch_free`) also serves
-    batches of the same *signature*: tensors of the same shape past the first dim, dtype and
-    device (small tensors, up to 16 elements, and plain values by value). So a DataLoader's
-    batches, new tensors every time, are planned once, not at every pass.
-    """
-
-    def __init__(self):
-        self._entries: Dict[tuple, PlannedBatch] = {}
-        self._shared: Dict[tuple, MStepPlan] = {}
-        self._used: set = set()
-
-    def peek(self, key: tuple) -> Optional[PlannedBatch]:
-        """The plan kept under ``key``, if any, without marking it used."""
-        return self._entries.get(key)
-
-    def get(self, key: tuple, arguments: list) -> Optional[PlannedBatch]:
-        planned = self._entries.get(key)
-        if planned is None or any(a is not b for a, b in zip((*planned.args, *planned.kwargs.values()), arguments)):
-            return None
-        self._used.add(key)
-        return planned
-
-    def shared(self, args: tuple, kwargs: dict) -> Optional[MStepPlan]:
-        """A batch-free plan made for a batch of the same signature, if any."""
-        return self._shared.get(_signature(args, kwargs))
-
-    def put(self, key: Optional[tuple], planned: PlannedBatch) -> None:
-        """Keep ``planned`` for its arguments (``key``; ``None``: only for its signature)."""
-        if key is not None:
-            self._entries[key] = planned
-            self._used.add(key)
-        if planned.plan.batch_free:  # (a fused chain holds its batch's data: not shared)
-            self._shared[_signature(planned.args, planned.kwargs)] = planned.plan
-
-    def end_iteration(self) -> None:
-        """Forget the plans the iteration that just ended did not use."""
-        self._entries = {k: v for k, v in self._entries.items() if k in self._used}
-        self._used = set()
-
-    def clear(self) -> None:
-        self._entries, self._shared, self._used = {}, {}, set()
-
-
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    def sig(a):
-        if isinstance(a, torch.Tensor):
-            if a.numel() <= 16:
-                return ("small", tuple(a.shape), str(a.dtype), str(a.device), tuple(a.reshape(-1).tolist()))
-            return ("tensor", tuple(a.shape[1:]), str(a.dtype), str(a.device))
-        if a is None or isinstance(a, (bool, int, float, str)):
-            return ("value", a)
-        return ("object", id(a))
-
-    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in kwargs.items())
+    def key(self) -> tuple:
+        """The settings a captured closed-form stage holds as numbers."""
+        return (self.reg_covar, self.hmm_algorithm)
 
 
 @dataclass
@@ -153,7 +73,8 @@ class Online:
         return {name: self.stats[name] for name in stats}
 
 
-def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online] = None, cache: bool = True) -> Tuple[float, int]:
+def run(planner: Planner, settings: Settings, batches: Iterable[Batch], keep: bool, online: Optional[Online] = None,
+        cache: bool = True) -> Tuple[float, int, List[str]]:
     """One EM iteration over ``batches`` (see the module docs), updating Pyro's param store all
     or nothing.
 
@@ -161,34 +82,36 @@ def run(em: "EM", batches: Iterable[Batch], keep: bool, online: Optional[Online]
     :param online: stepwise EM: blend the statistics into ``online``'s and solve those.
     :param cache: keep the batches' plans for the next iterations (for batches that are the
         same tensors every time: a list, not a DataLoader, whose batches are new tensors).
-    :returns: ``(loss, rows)``: the loss at the params before the update, summed over the
-        batches and processes, and the data points (:attr:`PlannedBatch.rows`) of this process.
+    :returns: ``(loss, rows, stalled)``: the loss at the params before the update, summed over
+        the batches and processes, the data points (:attr:`PlannedBatch.rows`) of this
+        process, and the params the gradient M-step could not move (see
+        :class:`~pyro_em.MStepWarning`).
     """
     store = pyro.get_param_store()
-    if em.plan is not None and any(n not in store for n in em.plan.params):
-        em._plans.clear()  # the param store was cleared: plan afresh
-    with _rollback_new_params():
+    if planner.plan is not None and any(n not in store for n in planner.plan.params):
+        planner.plans.clear()  # the param store was cleared: plan afresh
+    with rollback_new_params(), algorithm(settings.hmm_algorithm):
         iterator = iter(batches)
         planned, error = None, None
         try:
-            planned = _plan_first(em, iterator, online, cache)
+            planned = _plan_first(planner, iterator, online, cache)
         except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
             error = e
         distributed.check(error)
         distributed.broadcast_params(planned.plan.params)
         params = {name: store._params[name] for name in planned.plan.params}  # (unconstrained leaves)
         with _transaction(params):
-            result = _Iteration(em, planned, iterator, batches, params, keep, online, cache).run()
+            result = _Iteration(planner, settings, planned, iterator, batches, params, keep, online, cache).run()
         distributed.broadcast_params(planned.plan.params)
-    em._plans.end_iteration()
+    planner.plans.end_iteration()
     return result
 
 
-def _plan_first(em: "EM", iterator: Iterator[Batch], online: Optional[Online], cache: bool) -> PlannedBatch:
+def _plan_first(planner: Planner, iterator: Iterator[Batch], online: Optional[Online], cache: bool) -> PlannedBatch:
     first = next(iterator, None)
     if first is None:
         raise ValueError("batches is empty: give every process at least one batch of model arguments.")
-    planned = em._plan_batch(*first, cache=cache)
+    planned = planner.planned(*first, cache=cache)
     if not planned.plan.params:
         raise ValueError(
             "The model has no pyro.param and no continuous latent site to estimate: "
@@ -205,8 +128,9 @@ def _plan_first(em: "EM", iterator: Iterator[Batch], online: Optional[Online], c
 
 
 class _Iteration:
-    def __init__(self, em, planned, iterator, batches, params, keep, online, cache):
-        self.em, self.plan, self.params, self.keep, self.online = em, planned.plan, params, keep, online
+    def __init__(self, planner, settings, planned, iterator, batches, params, keep, online, cache):
+        self.planner, self.settings = planner, settings
+        self.plan, self.params, self.keep, self.online = planned.plan, params, keep, online
         self.cache, self.first = cache, planned
         self.old = {name: p.detach().clone() for name, p in params.items()}
         self._iterator, self._batches = iterator, batches
@@ -219,12 +143,12 @@ class _Iteration:
         if not again:
             yield self.first
             for args, kwargs in self._iterator:
-                yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
+                yield _same_plan(self.plan, self.planner.planned(args, kwargs, cache=self.cache))
             return
         empty = True
         for args, kwargs in self._batches:
             empty = False
-            yield _same_plan(self.plan, self.em._plan_batch(args, kwargs, cache=self.cache))
+            yield _same_plan(self.plan, self.planner.planned(args, kwargs, cache=self.cache))
         if empty:
             raise ValueError(
                 "batches gave no batch the second time through: an EM step passes over the "
@@ -238,16 +162,16 @@ class _Iteration:
             yield from self._kept
             return
         for i, pb in enumerate(self.planned(again)):  # the store holds theta_old until write()
-            item = (pb, *_e_step(self.em, pb, drop_global=i > 0 or self._rank > 0))
+            item = (pb, *_e_step(self.planner, pb, drop_global=i > 0 or self._rank > 0))
             if self.keep:
                 self._kept.append(item)
             yield item
 
-    def run(self) -> Tuple[float, int]:
-        em, plan = self.em, self.plan
+    def run(self) -> Tuple[float, int, List[str]]:
+        planner, plan = self.planner, self.plan
         rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
-        map_rest = any(name.startswith(em.map_prefix + ".") for name in rest)  # (reads the trace)
-        if not self.keep or self.online is not None or distributed.active() or map_rest or not em.jit:
+        map_rest = any(name.startswith(self.settings.map_prefix + ".") for name in rest)  # (reads the trace)
+        if not self.keep or self.online is not None or distributed.active() or map_rest or not planner.jit:
             new, log_z = self.closed_form()
         else:  # one batch: the closed-form stage may be replayed, the E-step's weights with it
             def stage():
@@ -255,19 +179,18 @@ class _Iteration:
                 estep = self._kept[0][3] if rest else None
                 return new, log_z, (estep.weights if estep is not None else {})
 
-            new, log_z, weights = _step_program(em, self.first)(self.params, stage)
+            new, log_z, weights = planner.step_program(self.first, self.settings.key)(self.params, stage)
             if rest:
                 self._kept = [(self.first, None, log_z, EStep(log_z, None, weights, None))]
         loss = float(log_z)
         write(new)
-        em.stalled = self.gradient_m_step(rest) if rest else []
-        return -loss, self.rows
+        stalled = self.gradient_m_step(rest) if rest else []
+        return -loss, self.rows, stalled
 
     def closed_form(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """The closed-form params' new values, stage by stage over the batches, and the log
         marginal likelihood summed over the batches and processes (a 0-dim tensor). Sets
         :attr:`rows`, the data points of this process."""
-        em = self.em
         pending, new = list(self.first.updates.closed_form), {}
         loss, again, self._kept, self.rows = None, False, [], 0
         while not again or pending:
@@ -276,7 +199,7 @@ class _Iteration:
                 for pb, parts, log_z, _ in self.weighted(again):
                     if not again:
                         loss, self.rows = log_z if loss is None else loss + log_z, self.rows + pb.rows
-                    own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, em.reg_covar)
+                    own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, self.settings.reg_covar)
                     cut = min(cut, n)
                     for name in pending[:cut]:
                         solvers.setdefault(name, own_solvers[name])
@@ -296,15 +219,15 @@ class _Iteration:
 
     def gradient_m_step(self, rest: Dict[str, torch.Tensor]) -> List[str]:
         """Maximize ``Q`` over the params without a closed form, one piece per batch."""
-        em = self.em
-        stalled = em._gradient_m_step(Objective(_Pieces(self), list(rest.values())), rest)
-        if any(name.startswith(em.map_prefix + ".") for name in rest):
+        prefix = self.settings.map_prefix
+        stalled = self.settings.gradient(Objective(_Pieces(self), list(rest.values())), rest)
+        if any(name.startswith(prefix + ".") for name in rest):
             if self.keep:  # the kept E-step's trace holds the MAP sites' priors
                 trace = self._kept[0][3].trace
             else:
                 first = next(self.planned(True))
-                trace = em._probe_trace(first.args, first.kwargs)
-            check_map_bounded(trace, rest, em.map_prefix)
+                trace = self.planner.probe_trace(first.args, first.kwargs)
+            check_map_bounded(trace, rest, prefix)
         return stalled
 
 
@@ -315,41 +238,21 @@ class _Pieces:
         self.it = iteration
 
     def __iter__(self) -> Iterator[Callable[[], torch.Tensor]]:
-        it, em = self.it, self.it.em
+        it, planner = self.it, self.it.planner
         if it.keep:
             for pb, _, _, estep in it._kept:
-                yield lambda q=_batch_q(em, pb), estep=estep: q(estep)
+                yield lambda q=planner.batch_q(pb), estep=estep: q(estep)
             return
         for i, pb in enumerate(it.planned(True)):
             def piece(pb=pb, drop=i > 0 or it._rank > 0):
                 with _values(it.params, it.old):
-                    estep = _e_step(em, pb, drop)[2]
-                return _batch_q(em, pb)(estep)
+                    estep = _e_step(planner, pb, drop)[2]
+                return planner.batch_q(pb)(estep)
 
             yield piece
 
 
-def _step_program(em: "EM", pb: PlannedBatch) -> StepProgram:
-    """The batch's closed-form stage program (see :mod:`pyro_em.program`), new where a
-    setting it reads has changed."""
-    key = (em.reg_covar, em.temperature, hmm.ALGORITHM)
-    if pb.step is None or pb.step.key != key:
-        after = program.CAPTURE_AFTER if pb.chain is not None else program.CAPTURE_TRACED_AFTER
-        pb.step = StepProgram(key, Program(em.compile, finite=False, enabled=em.jit, after=after))
-    return pb.step
-
-
-def _batch_q(em: "EM", pb: PlannedBatch) -> BatchQ:
-    """The batch's piece of ``Q`` (see :mod:`pyro_em.program`), made at its first use."""
-    if pb.q is None:
-        args, kwargs = pb.args, pb.kwargs
-        pb.q = BatchQ(lambda record=False: em._trace(args, kwargs, record), list(pb.plan.params),
-                      [name for name in pb.plan.params if name not in pb.plan.closed_form],
-                      Program(em.compile, enabled=em.jit))
-    return pb.q
-
-
-def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, torch.Tensor, Optional[EStep]]:
+def _e_step(planner: Planner, pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, torch.Tensor, Optional[EStep]]:
     """A batch's weighted sites (``parts``), ``log Z`` and E-step, at the current params."""
     if pb.chain is not None:  # a fused chain: one forward-backward pass, no trace
         fn = pb.chain.distribution()
@@ -360,7 +263,7 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
         except (ValueError, RuntimeError, IndexError) as e:  # a value outside the support, say
             log_z, cause = None, e
         if log_z is None or not torch.isfinite(log_z):
-            em._e_step_at(em.temperature, pb.args, pb.kwargs)  # its error names site and datum
+            planner.e_step(planner.temperature, pb.args, pb.kwargs)  # its error names site and datum
             raise ValueError(
                 "The log marginal likelihood is "
                 + (f"{float(log_z)}" if log_z is not None else f"undefined ({type(cause).__name__}: {cause})")
@@ -370,7 +273,7 @@ def _e_step(em: "EM", pb: PlannedBatch, drop_global: bool) -> Tuple[Callable, to
         weight = torch.ones(pb.chain.values.shape[0], dtype=log_z.dtype, device=log_z.device)
         parts = {SITE: pb.chain.parts(fn, weight), **prior_parts}
         return parts.__getitem__, log_z, None
-    estep = em._e_step_at(em.temperature, pb.args, pb.kwargs)
+    estep = planner.e_step(planner.temperature, pb.args, pb.kwargs)
     shape = structure(estep.trace)
     if pb.structure is None:
         pb.structure = shape
@@ -465,17 +368,4 @@ def _transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
-        raise
-
-
-@contextmanager
-def _rollback_new_params() -> Iterator[None]:
-    """On an exception, remove params created inside the block from Pyro's param store."""
-    store = pyro.get_param_store()
-    names = set(store.keys())
-    try:
-        yield
-    except BaseException:
-        for name in set(store.keys()) - names:
-            del store[name]
         raise

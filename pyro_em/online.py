@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Tuple
 from .em import EM, _Batches, _accepts_numpy
 from . import iteration
 from .iteration import Online
+from .planner import rows as planned_rows
 
 
 class OnlineEM(EM):
@@ -95,5 +96,5 @@ class OnlineEM(EM):
         loss, rows = 0.0, 0
         for args, kwargs in _Batches(batches):
             loss += self.step(*args, **kwargs)
-            rows += iteration.rows(args, kwargs)
+            rows += planned_rows(args, kwargs)
         return loss, rows

@@ -4,14 +4,11 @@ and keep the best; say when a component collapsed instead of reporting a quiet c
 import math
 import numbers
 import warnings
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pyro
 import torch
 from torch.distributions import constraints
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .em import EM, EMResult
 
 
 class CollapseWarning(UserWarning):
@@ -24,32 +21,33 @@ class SymmetryWarning(CollapseWarning):
     latent) with the same posterior everywhere, as when they start with equal params."""
 
 
-def model_param_names(em: "EM", args: tuple, kwargs: dict) -> List[str]:
-    """The params (MAP values included) the model uses, created if missing."""
-    trace = em._probe_trace(args, kwargs)
-    return [name for name, site in trace.nodes.items() if site["type"] == "param"]
+def fit_restarts(fit_once: Callable[[], Any], final_loss: Callable[[], float], new_run: Callable[[], None],
+                 names: List[str], args: tuple, kwargs: dict, n_init: int, init: Optional[Callable]) -> Any:
+    """``n_init`` fits, each from the params ``names`` (the model's, MAP values included)
+    removed from the store and ``init`` called with the model's arguments; the best final
+    loss stays in the store (see :meth:`EM.fit`).
 
-
-def fit_restarts(em: "EM", args: tuple, kwargs: dict, n_init: int, init: Optional[Callable], fit_kwargs: dict) -> "EMResult":
-    """``n_init`` fits, each from the model's params removed from the store and ``init`` called
-    with the model's arguments; the best final loss stays in the store (see :meth:`EM.fit`)."""
+    :param fit_once: one fit from the params in the store; returns its ``EMResult``.
+    :param final_loss: the loss at the params in the store.
+    :param new_run: called before each run (the params will be new objects).
+    :returns: the best run's ``EMResult``, with ``run_losses`` and ``best_run``.
+    """
     if isinstance(n_init, bool) or not isinstance(n_init, numbers.Integral) or n_init < 1:
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     if init is not None and not callable(init):
         raise TypeError(f"init must be a callable taking the model's arguments, got {type(init).__name__}.")
     store = pyro.get_param_store()
-    names = model_param_names(em, args, kwargs)
     best, best_loss, best_values, finals, error = None, math.inf, None, [], None
     for run in range(int(n_init)):
         for name in names:
             if name in store:
                 del store[name]
-        em._new_run()  # the params are new objects: plan afresh
+        new_run()
         if init is not None:
             init(*args, **kwargs)
         try:
-            result = em._fit_once(args, kwargs, **fit_kwargs)
-            final = em.evaluate_loss(*args, **kwargs)
+            result = fit_once()
+            final = final_loss()
         except ValueError as e:  # e.g. a component collapsed in this run: try the others
             warnings.warn(f"EM run {run} of {n_init} failed: {e}", RuntimeWarning, stacklevel=3)
             finals.append(math.inf)

@@ -84,6 +84,7 @@ LEFT_RIGHT = {
 }
 
 
+@pytest.mark.jit_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("param_space", ["simplex", "real"])
 @pytest.mark.parametrize("path", ["fused", "traced"])
@@ -91,7 +92,7 @@ def test_left_right_hmm_zeros_stay_exactly_zero(path, param_space, dtype, monkey
     """hmmlearn's test_fit_left_right: a left-right chain's zero start and transition
     probabilities stay exactly zero, and the fit equals hmmlearn's."""
     if path == "traced":
-        monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *args: None)
+        monkeypatch.setattr("pyro_em.planner.fuse_chain", lambda *args: None)
     torch.set_default_dtype(dtype)
     init = {k: v.to(dtype) for k, v in LEFT_RIGHT.items()}
     g = torch.Generator().manual_seed(1)
@@ -192,14 +193,18 @@ def test_float32_data_in_a_float64_model_equals_float64_data():
     np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
 
 
+@pytest.mark.jit_only
 def test_plan_groups_the_steps_of_a_chain():
     init = {"start": torch.ones(2) / 2, "trans": torch.full((2, 2), 0.5), "emit": torch.tensor([[0.7, 0.3], [0.2, 0.8]])}
     X = torch.randint(2, (1, 200), generator=torch.Generator().manual_seed(0))
-    em = EM(categorical_hmm(init))
-    em.step(X, torch.tensor([200]))
+    em, lengths = EM(categorical_hmm(init)), torch.tensor([200])
+    em.step(X, lengths)
     text = str(em.plan)
-    assert len(text.splitlines()) == 3
+    assert len(text.splitlines()) == 3 + 2  # three params, then how the steps run
     assert "CategoricalRule at 'z_{t}' for t in 1..199 (199 sites)" in text
+    assert text.splitlines()[3:] == ["E-step: fused chain, forward-backward", "closed-form stage: Python (not captured yet)"]
+    em.step(X, lengths)
+    assert str(em.plan).splitlines()[-1].startswith("closed-form stage: captured graph (")
 
 
 def _mixture_runs(models, data, steps=3):

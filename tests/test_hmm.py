@@ -1,6 +1,7 @@
 """Hidden Markov models written with pyro.markov: Baum-Welch equals hmmlearn iteration by
 iteration (float64, 1e-6), with variable-length sequences, posteriors and Viterbi paths."""
 
+import contextvars
 import warnings
 
 import numpy as np
@@ -18,6 +19,12 @@ from pyro_em.hmm import forward_backward, parallel_forward_backward, viterbi
 
 K, D, M, ITERS = 3, 2, 4, 5
 LENGTHS = [25, 17, 30]
+
+
+def force_algorithm(monkeypatch, name):
+    """Every forward-backward pass of the test uses ``name`` (``None``: chosen per call), as
+    inside ``pyro_em.hmm.algorithm(name)``."""
+    monkeypatch.setattr("pyro_em.hmm._ALGORITHM", contextvars.ContextVar("algorithm", default=name))
 
 
 def random_simplex(g, *shape):
@@ -125,6 +132,7 @@ def make_case(family, g):
     return init, seqs, reference, emission, params
 
 
+@pytest.mark.jit_only
 @pytest.mark.parametrize("form", ["sequential", "sequential-traced", "vectorized", "sequential-parallel",
                                   "vectorized-parallel", "sequential-blocked", "vectorized-blocked"])
 @pytest.mark.parametrize("family", ["categorical", "gaussian_diag", "gaussian_full"])
@@ -134,9 +142,9 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, mo
     the scaled sequential recursions at these lengths)."""
     traced = form == "sequential-traced"
     if traced:
-        monkeypatch.setattr("pyro_em.em.fuse_chain", lambda *args: None)
+        monkeypatch.setattr("pyro_em.planner.fuse_chain", lambda *args: None)
     form, _, algorithm = form.partition("-")
-    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm if algorithm in ("parallel", "blocked") else None)
+    force_algorithm(monkeypatch, algorithm if algorithm in ("parallel", "blocked") else None)
     g = torch.Generator().manual_seed(0)
     init, seqs, reference, emission, emission_params = make_case(family, g)
     reference.startprob_, reference.transmat_ = init["start"].numpy(), init["trans"].numpy()
@@ -182,7 +190,7 @@ def test_matches_hmmlearn_every_iteration_with_variable_lengths(family, form, mo
 @pytest.mark.parametrize("algorithm", ["sequential", "blocked", "parallel"])
 def test_long_sequence_in_float32_matches_float64(algorithm, monkeypatch):
     """T = 10,000 steps: no forward-backward algorithm underflows or drifts in float32."""
-    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+    force_algorithm(monkeypatch, algorithm)
     g = torch.Generator().manual_seed(0)
     T = 10_000
     states = torch.zeros(T, dtype=torch.long)
@@ -265,9 +273,9 @@ def test_fast_forward_backward_equals_the_sequential_one(dtype, algorithm, homog
                           dist.Categorical(emit.to(dtype)).expand((S, T, K)).mask(mask))
     from pyro_em.hmm import hmm_factors
 
-    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", "sequential")
+    force_algorithm(monkeypatch, "sequential")
     expected = forward_backward(fn, X)
-    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+    force_algorithm(monkeypatch, algorithm)
     got = forward_backward(fn, X)
     if algorithm == "parallel":
         with torch.no_grad():  # as the E-step runs (log of probs taken exactly, zeros too)
@@ -291,7 +299,7 @@ def test_likelihoods_that_underflow_in_float32(algorithm, monkeypatch):
     which the forward pass flushes to zero, sparing the CPU's slow path for such exps).
     log Z still equals Pyro's log-space DiscreteHMM.log_prob and the posteriors the float64
     ones."""
-    monkeypatch.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+    force_algorithm(monkeypatch, algorithm)
     g = torch.Generator().manual_seed(0)
     S, T, K = 3, 90, 3
     states = torch.randint(K, (S, T), generator=g)
@@ -308,6 +316,7 @@ def test_likelihoods_that_underflow_in_float32(algorithm, monkeypatch):
     torch.testing.assert_close(posteriors[torch.float32].double(), posteriors[torch.float64], rtol=0, atol=1e-5)
 
 
+@pytest.mark.jit_only
 def test_several_emissions_per_step_step_as_one_fused_chain(monkeypatch):
     """Each step emits a scalar Normal, a Categorical and a 2-D diagonal Normal, all given the
     state: the chain fuses into one DiscreteHMM with a JointEmission, and its losses and iterates
@@ -348,7 +357,7 @@ def assert_fused_equals_traced(model, args, monkeypatch, steps=4, kwargs=None, *
     for fused in (True, False):
         with monkeypatch.context() as patch:
             if not fused:
-                patch.setattr("pyro_em.em.fuse_chain", lambda *a: None)
+                patch.setattr("pyro_em.planner.fuse_chain", lambda *a: None)
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
             em = EM(model, **{"m_step": "closed_form", **em_kwargs})
@@ -360,6 +369,7 @@ def assert_fused_equals_traced(model, args, monkeypatch, steps=4, kwargs=None, *
         torch.testing.assert_close(runs[True][1][k], v, atol=1e-12, rtol=0, msg=k)
 
 
+@pytest.mark.jit_only
 def test_emissions_in_plates_of_their_own_fuse(monkeypatch):
     """An emission in a plate of its own, as examples/hmm.py's tones (here Normal with a
     state-indexed mean and a constant scale, sequences that end), and a mixture whose emission
@@ -417,7 +427,7 @@ def test_posteriors_of_one_long_float32_sequence(algorithm):
             dist.Normal(torch.tensor([0.0, 2.0], dtype=dtype), torch.tensor(1.0, dtype=dtype)),
         )
         with pytest.MonkeyPatch.context() as m:
-            m.setattr("pyro_em.hmm.ALGORITHM", algorithm)
+            force_algorithm(m, algorithm)
             return forward_backward(fn, x.to(dtype))
 
     ref, post = posterior(torch.float64, "blocked"), posterior(torch.float32, algorithm)

@@ -26,7 +26,7 @@ def fit(make, args, steps, jit, which="q", **options):
         warnings.simplefilter("ignore")
         losses = [em.step(*args) for _ in range(steps)]
     params = {name: p.detach().clone() for name, p in pyro.get_param_store().items()}
-    held = [getattr(pb, which) for pb in em._plans._entries.values()]
+    held = [getattr(pb, which) for pb in em._planner.plans.entries().values()]
     return params, losses, [h.program.state for h in held if h is not None], [h.program.status for h in held if h is not None]
 
 

@@ -83,6 +83,7 @@ def test_pyro_model_runs_exactly(name, include_prior, map_space):
     assert loss == pytest.approx(traceenum_loss(model, args, kwargs, nest), rel=1e-9)
 
 
+@pytest.mark.jit_only
 @pytest.mark.parametrize("name,include_prior", [("hmm_1", True), ("hmm_1", False), ("enumeration_hmm", None)])
 def test_fused_chain_equals_the_traced_path(name, include_prior, monkeypatch):
     """examples/hmm.py's model 1 (a tones plate under each step, Dirichlet and Beta MAP priors

@@ -212,6 +212,7 @@ def test_fit_takes_any_number_type_and_no_stderr(monkeypatch):
 # ---- 8-10. state and numerics -------------------------------------------------------------------
 
 
+@pytest.mark.jit_only
 def test_fused_chain_survives_a_cleared_param_store():
     X = torch.randint(2, (3, 6), generator=torch.Generator().manual_seed(0))
     em = EM(two_state_hmm)
@@ -296,11 +297,12 @@ def test_planning_computes_no_log_density_under_autograd(monkeypatch):
     assert not any(calls)
 
 
+@pytest.mark.jit_only
 def test_a_markov_chain_is_fused_from_its_first_step(monkeypatch):
     """The plan comes first, so a recognized pyro.markov chain never takes the traced E-step
     (whose memory grows with every time step's factors)."""
     calls = []
-    monkeypatch.setattr("pyro_em.em.e_step", lambda *a, **k: calls.append(1) / 0)
+    monkeypatch.setattr("pyro_em.planner.e_step", lambda *a, **k: calls.append(1) / 0)
 
     em = EM(two_state_hmm)
     em.step(torch.randint(2, (3, 50), generator=torch.Generator().manual_seed(0)))

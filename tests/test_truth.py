@@ -360,6 +360,7 @@ def test_obs_mask_read_by_a_later_site_is_a_continuous_latent():
 # ---- models from outside Pyro's repository that failed -------------------------------------
 
 
+@pytest.mark.jit_only
 def test_emission_computed_from_the_state_fuses_and_equals_traceenum():
     """An urn HMM (course material's classic: the hidden number of red balls, 10 draws a
     step): ``Binomial(10, urn / 10)``, an argument computed from the enumerated state, in a
@@ -432,6 +433,7 @@ def test_structure_that_depends_on_a_param_is_named_as_such():
         EM(model, m_step="gradient").fit(torch.tensor([3.0, 3.5, 4.0]), max_iter=5)
 
 
+@pytest.mark.jit_only
 def test_error_inside_a_fused_chain_keeps_its_cause(monkeypatch):
     import pyro_em.iteration
 
