@@ -26,7 +26,7 @@ from pyro.ops.rings import MapRing
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
-from . import kernels
+from . import hmm, kernels  # noqa: F401 (hmm registers DiscreteHMM's forward pass as a kernel)
 from .tracking import broadcast_shapes
 from ._validation import check_enumerated_trace, explain_bad_log_z, explain_log_prob_error, model_errors
 

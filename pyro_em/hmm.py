@@ -31,6 +31,7 @@ from pyro.distributions.hmm import _logmatmulexp
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
+from . import kernels
 from .tracking import broadcast_shapes, compact, expanded
 
 
@@ -105,9 +106,7 @@ class JointEmission(TorchDistribution):
 def hmm_factors(fn: DiscreteHMM, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalized ``initial (..., K)``, ``transition (..., T, K, K)`` (expanded) and
     observation ``(..., T, K)`` log factors of ``fn`` at ``value``."""
-    from .kernels import log_prob  # (kernels uses this module's forward pass for DiscreteHMM)
-
-    obs = log_prob(fn.observation_dist, value.unsqueeze(-1 - fn.observation_dist.event_dim))
+    obs = kernels.log_prob(fn.observation_dist, value.unsqueeze(-1 - fn.observation_dist.event_dim))
     trans = fn.transition_logits
     K = trans.shape[-1]  # the observation may broadcast over the states
     time_shape = broadcast_shapes(trans.shape[:-2], obs.shape[:-1])
@@ -491,3 +490,17 @@ def viterbi(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
             state = best_prev.gather(-1, state.unsqueeze(-1)).squeeze(-1)
             path.append(state)
         return torch.stack(path[::-1], -1)
+
+
+def _hmm_kernel(fn: DiscreteHMM, value: torch.Tensor) -> Optional[torch.Tensor]:
+    # Under autograd, Pyro's parallel scan (a graph log T deep) suits better than T steps.
+    return None if torch.is_grad_enabled() else hmm_log_prob(fn, value)
+
+
+def _joint_kernel(fn: JointEmission, value: torch.Tensor) -> torch.Tensor:
+    """The sum of the parts' log densities, each by its kernel."""
+    return sum(kernels.log_prob(p, v) for p, v in zip(fn.parts, fn.split(value)))
+
+
+kernels.register(DiscreteHMM, _hmm_kernel)
+kernels.register(JointEmission, _joint_kernel)

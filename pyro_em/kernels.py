@@ -20,15 +20,19 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributions as td
 
-from pyro.distributions import DiscreteHMM
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 
-from .hmm import JointEmission, hmm_log_prob
 from .tracking import broadcast_shapes, compact
 
 _KERNELS: Dict[type, Callable] = {}
 _MIN_ELEMENTS = 1 << 14  # below this, the generic log_prob is as fast
 _MAX_BLOCKS = 1024
+
+
+def register(kind: type, kernel: Callable[[td.Distribution, torch.Tensor], Optional[torch.Tensor]]) -> None:
+    """Compute the log density of distributions of type ``kind`` (and its subclasses) by
+    ``kernel(fn, value)``, which returns ``None`` where the generic ``log_prob`` should run."""
+    _KERNELS[kind] = kernel
 
 
 def log_prob(fn: td.Distribution, value: torch.Tensor) -> torch.Tensor:
@@ -135,13 +139,7 @@ def feature_major(x: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def _hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> Optional[torch.Tensor]:
-    # Under autograd, Pyro's parallel scan (a graph log T deep) suits better than T steps.
-    return None if torch.is_grad_enabled() else hmm_log_prob(fn, value)
-
-
 _KERNELS[td.MultivariateNormal] = _mvn_log_prob
-_KERNELS[DiscreteHMM] = _hmm_log_prob
 
 
 # Categorical and Bernoulli given by probs: torch derives logits through ``clamp_probs``, so a
@@ -271,14 +269,8 @@ def _masked_log_prob(fn: MaskedDistribution, value: torch.Tensor) -> torch.Tenso
     return result if fn._mask is True else torch.where(fn._mask, result, result.new_zeros(()))
 
 
-def _joint_log_prob(fn: JointEmission, value: torch.Tensor) -> torch.Tensor:
-    """The sum of the parts' log densities, each by its kernel."""
-    return sum(log_prob(p, v) for p, v in zip(fn.parts, fn.split(value)))
-
-
 _KERNELS[td.Categorical] = _categorical_log_prob
 _KERNELS[td.Bernoulli] = _bernoulli_log_prob
 _KERNELS[td.Independent] = _independent_log_prob
 _KERNELS[ExpandedDistribution] = _expanded_log_prob
 _KERNELS[MaskedDistribution] = _masked_log_prob
-_KERNELS[JointEmission] = _joint_log_prob

@@ -61,7 +61,7 @@ class PlannedBatch:
         """How its E-step runs, in words."""
         if self.chain is None:
             return "traced model, exact contraction"
-        return "fused chain, forward-backward" if self.chain.values.shape[-1] > 1 else "fused mixture, one forward pass"
+        return "fused mixture, one pass" if self.chain.trans is None else "fused chain, forward-backward"
 
 
 def rows(args: tuple, kwargs: dict) -> int:

@@ -18,21 +18,24 @@ What makes a captured graph run what the Python would have run:
   never waits on the device mid-way. Any other read (``float(x)`` of a computed number), a
   live random draw, or an operation that writes into an input leave the computation
   uncaptured; it keeps running in Python and :attr:`Program.status` says why.
-* The first run of a captured graph is compared with the Python's run: they must agree to
-  round-off (they run the same operations), else the Python keeps running.
+* The first run of a captured graph is compared with the run it was captured from (the
+  Python's, which gives that step's results; after a restart, with a Python run): they must
+  agree to round-off (they run the same operations), else the Python keeps running.
 * A non-finite result is computed again by the Python, so errors keep naming their site.
 
 Which code runs never depends on timing.
 """
 
+import contextlib
 import operator
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+import unittest.mock
+import warnings
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pyro
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,9 +106,10 @@ class Program:
         :param capture: the inputs and function to capture, if not ``inputs`` and ``eager``
             (the tensors the function reads from where it finds them, the param store say).
         """
+        reference = None
         if self.state == "eager" and self.runs >= self.after:
             try:
-                self.graph, self.guards, self.ops = _capture(*(capture or (inputs, eager)), self.compile)
+                self.graph, self.guards, self.ops, reference = _capture(*(capture or (inputs, eager)), self.compile)
                 self.state = "unchecked"
             except CaptureError as e:
                 self.state, self.reason = "failed", str(e)
@@ -118,9 +122,9 @@ class Program:
             self.state, self.reason, self.graph = "failed", f"the graph failed: {type(e).__name__}: {e}", None
             return eager()
         if out is None:
-            return eager()
-        if self.state == "unchecked":
-            reference = eager()
+            return eager() if reference is None else reference
+        if self.state == "unchecked":  # (compared with the captured run, or a Python one)
+            reference = eager() if reference is None else reference
             if all(_agree(a, b) for a, b in zip(out, reference)):
                 self.state = "captured"
             else:
@@ -205,6 +209,17 @@ class _Guards(TorchDispatchMode):
         return value
 
 
+@contextlib.contextmanager
+def _without_metadata() -> Iterator[None]:
+    """make_fx without the fake-tensor metadata it gives every node (40% of its time): nothing
+    here reads it, and torch.compile traces the graph module's code afresh."""
+    if not hasattr(proxy_tensor, "set_meta"):  # (another torch: capture as it is)
+        yield
+        return
+    with unittest.mock.patch.object(proxy_tensor, "set_meta", lambda proxy, value: proxy):
+        yield
+
+
 def _where() -> str:
     """Where the Python running a capture is: its innermost line outside torch and this module."""
     for frame in reversed(traceback.extract_stack()):
@@ -213,25 +228,30 @@ def _where() -> str:
     return "somewhere"
 
 
-def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors],
-             compile: Union[bool, str]) -> Tuple[Callable[..., Tensors], Optional[torch.Tensor], int]:
-    """The graph of ``fn()`` from ``inputs`` (which ``fn`` reads where it finds them), the
-    guards' values in the captured run, and the graph's size.
+class _Captured(NamedTuple):
+    graph: Callable[..., Tensors]
+    guards: Optional[torch.Tensor]  # each guard's value in the captured run
+    ops: int  # operations in the graph
+    results: Tensors  # of the captured run (which ran fn, as Python does)
+
+
+def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors], compile: Union[bool, str]) -> _Captured:
+    """The graph of ``fn()`` from ``inputs`` (which ``fn`` reads where it finds them).
 
     :raises CaptureError: where the graph would not compute what ``fn`` computes."""
     guards: List[_Guards] = []
+    results: List[Tensors] = []
 
     def traced(*tracked):
         with _Guards(tracked) as g:
             out = fn()
         guards.append(g)
+        results.append(tuple(out))
         flags = [torch.stack(g.tensors)] if g.tensors else []
         return (*out, *flags)
 
     try:
-        # One fake-tensor mode for the graph's metadata (make_fx otherwise makes one per op).
-        context = torch._guards.TracingContext(FakeTensorMode(allow_fallback_kernels=True))
-        with torch._guards.tracing(context):
+        with _without_metadata():
             gm = proxy_tensor.make_fx(traced, tracing_mode="real")(*inputs)
     except CaptureError:
         raise
@@ -258,10 +278,20 @@ def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors],
     ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     graph: Callable[..., Tensors] = gm
     if compile:
-        mode = None if compile is True else compile
-        graph = torch.compile(gm, mode=mode, dynamic=False)
+        graph = _compiled(torch.compile(gm, mode=None if compile is True else compile, dynamic=False))
     flags = torch.tensor(g.values, device=inputs[0].device if inputs else None) if g.values else None
-    return graph, flags, ops
+    return _Captured(graph, flags, ops, results[-1])
+
+
+def _compiled(fn: Callable[..., Tensors]) -> Callable[..., Tensors]:
+    """``fn`` (a graph compiled by torch.compile, lazily at its first run) without the
+    deprecation notices inductor's own code gives at compilation."""
+    def run(*inputs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+            return fn(*inputs)
+
+    return run
 
 
 def _schema(node: torch.fx.Node):
