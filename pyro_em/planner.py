@@ -249,7 +249,9 @@ class Planner:
         key = key + (self.temperature,)
         if pb.step is None or pb.step.key != key:
             after = CAPTURE_AFTER if pb.chain is not None else _program.CAPTURE_TRACED_AFTER
-            pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, after=after))
+            # (its E-step weights go to the gradient M-step's Q, under autograd, if any param takes it)
+            pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, after=after,
+                                               inference=not pb.plan.gradient))
         return pb.step
 
     def batch_q(self, pb: PlannedBatch) -> BatchQ:
