@@ -14,7 +14,6 @@ import numbers
 from typing import Any, Callable, Iterable, Tuple
 
 from .em import EM, _Batches, _accepts_numpy
-from . import iteration
 from .iteration import Online
 from .planner import rows as planned_rows
 

@@ -15,7 +15,7 @@ Nothing here runs an iteration: :mod:`pyro_em.iteration` does, from the plans.
 
 import gc
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import pyro
 import pyro.poutine as poutine
