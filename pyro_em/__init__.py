@@ -1,7 +1,8 @@
 """pyro_em: Expectation-Maximization for Pyro models with discrete latent variables."""
 
 from .closed_form import MStepPlan
-from .em import EM, ConvergenceWarning, EMResult, MStepWarning
+from .em import EM
+from .loop import ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
 from .online import OnlineEM

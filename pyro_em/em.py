@@ -3,11 +3,8 @@
 import functools
 import logging
 import math
-import sys
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -16,7 +13,6 @@ import pyro
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.optim import PyroOptim
-from tqdm.auto import tqdm
 
 from ._validation import check_fit_args
 from .chain import FusedChain
@@ -25,6 +21,7 @@ from .estep import EStep
 from .gradient import GradientMStep
 from .hmm import ALGORITHMS
 from .map_sites import MapMessenger
+from .loop import EMResult, MStepWarning, fit_loop
 from .planner import Planner, rows
 from . import iteration, restarts, selection
 from .posterior import site_marginals
@@ -56,42 +53,6 @@ def _accepts_numpy(method: Callable) -> Callable:
         return method(self, *args, **kwargs)
 
     return wrapper
-
-
-class ConvergenceWarning(UserWarning):
-    """Warned by :meth:`EM.fit` when it stops on ``max_iter`` before reaching ``tol``."""
-
-
-class MStepWarning(UserWarning):
-    """Warned when the gradient M-step could not move params whose gradient is not small; a
-    fit whose last step stalled so is not reported as converged."""
-
-
-@dataclass
-class EMResult:
-    """What :meth:`EM.fit` returns.
-
-    :ivar list losses: the loss before each EM iteration (``losses[i]`` is the loss at the
-        parameters that iteration ``i`` started from).
-    :ivar bool converged: whether the relative change of the loss fell below ``tol``.
-    """
-
-    losses: List[float] = field(default_factory=list)
-    converged: bool = False
-    run_losses: Optional[List[float]] = None
-    """With restarts, the final loss of every run (``inf`` for a run that failed)."""
-    best_run: Optional[int] = None
-    """With restarts, the index of the run kept in the param store."""
-
-    @property
-    def n_iter(self) -> int:
-        """The number of EM iterations run."""
-        return len(self.losses)
-
-    @property
-    def loss(self) -> float:
-        """The last loss recorded (``nan`` if no iteration ran)."""
-        return self.losses[-1] if self.losses else float("nan")
 
 
 class EM:
@@ -461,58 +422,15 @@ class EM:
         return self._run(_Batches(batches), keep=False, cache=isinstance(batches, Sequence))
 
     def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
-        result, rose = EMResult(), None
         monotone = self._gradient_m_step.optim is None and self._online is None  # (exact EM)
-        stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
-        desc = type(self).__name__
-        with tqdm(total=max_iter, disable=not progress or stream is None, desc=desc, file=stream) as bar:
-            for i in range(max_iter):
-                start = time.perf_counter()
-                loss, rows = step()
-                seconds = time.perf_counter() - start
-                result.losses.append(loss)
-                change = abs(result.losses[-2] - loss) / max(1.0, abs(result.losses[-2])) if i else math.inf
-                logger.info("%s iteration %d: loss %.10g, %.3g s, %.4g data points/s", desc, i, loss, seconds, rows / max(seconds, 1e-9))
-                bar.set_postfix(loss=f"{loss:.6g}", rel_change=f"{change:.2g}", points_per_s=f"{rows / max(seconds, 1e-9):.3g}", refresh=False)
-                bar.update()
-                if i == 0 and not bar.disable:  # the first step also plans: rate from the second on
-                    bar.start_t = bar._time()
-                if monotone and rose is None and i and loss - result.losses[-2] > self._round_off() * max(1.0, abs(result.losses[-2])):
-                    rose = i
-                if change <= tol:
-                    # A stalled M-step changes nothing either: that is no convergence; nor is
-                    # the end of a fit whose loss rose (an exact EM step never raises it).
-                    result.converged = not self.stalled and rose is None
-                    break
-                if callback is not None and callback(i, loss):
-                    break
-            if result.n_iter < max_iter and not bar.disable:  # stopped early: show it complete
-                bar.total = result.n_iter
-                bar.refresh()
-        if self.stalled:
-            warnings.warn(
-                "EM stopped without converging: the gradient M-step could not improve param(s) "
-                + ", ".join(f"'{n}'" for n in self.stalled)
-                + " (see MStepWarning).",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        elif rose is not None:
-            warnings.warn(
-                f"The loss rose at iteration {rose} ({result.losses[rose - 1]:.10g} -> "
-                f"{result.losses[rose]:.10g}), which an exact EM step never does: the fit is not "
-                "reported as converged. Please report the model to pyro_em's developers.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        elif not result.converged and result.n_iter == max_iter:
-            warnings.warn(
-                f"EM did not converge in max_iter={max_iter} iterations (last relative change "
-                f"above tol={tol:g}); increase max_iter or tol.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        return result
+        return fit_loop(step, max_iter, tol, progress, callback, type(self).__name__,
+                        self._round_off if monotone else None, lambda: self.stalled)
+
+    def _round_off(self) -> float:
+        """The relative change of the loss that round-off can make, in the params' precision."""
+        store = pyro.get_param_store()
+        dtype = store[self.plan.params[0]].dtype if self.plan and self.plan.params[0] in store else torch.float64
+        return max(1e-9, 100 * torch.finfo(dtype).eps)
 
     def _check_structure_kept(self, args: tuple, kwargs: dict) -> None:
         """With Pyro's validation on and ``jit=True``: run the model once more after a fit and
@@ -522,12 +440,6 @@ class EM:
 
         if self.jit and is_validation_enabled():
             self._planner.check_structure_kept(args, kwargs)
-
-    def _round_off(self) -> float:
-        """The relative change of the loss that round-off can make, in the params' precision."""
-        store = pyro.get_param_store()
-        dtype = store[self.plan.params[0]].dtype if self.plan and self.plan.params[0] in store else torch.float64
-        return max(1e-9, 100 * torch.finfo(dtype).eps)
 
     @_accepts_numpy
     def posterior(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""The fit loop: steps until the loss stops improving, with a progress bar, logging, and the
+warnings that say how a fit ended."""
+
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("pyro_em")
+
+
+class ConvergenceWarning(UserWarning):
+    """Warned by :meth:`EM.fit` when it stops on ``max_iter`` before reaching ``tol``."""
+
+
+class MStepWarning(UserWarning):
+    """Warned when the gradient M-step could not move params whose gradient is not small; a
+    fit whose last step stalled so is not reported as converged."""
+
+
+@dataclass
+class EMResult:
+    """What :meth:`EM.fit` returns.
+
+    :ivar list losses: the loss before each EM iteration (``losses[i]`` is the loss at the
+        parameters that iteration ``i`` started from).
+    :ivar bool converged: whether the relative change of the loss fell below ``tol``.
+    """
+
+    losses: List[float] = field(default_factory=list)
+    converged: bool = False
+    run_losses: Optional[List[float]] = None
+    """With restarts, the final loss of every run (``inf`` for a run that failed)."""
+    best_run: Optional[int] = None
+    """With restarts, the index of the run kept in the param store."""
+
+    @property
+    def n_iter(self) -> int:
+        """The number of EM iterations run."""
+        return len(self.losses)
+
+    @property
+    def loss(self) -> float:
+        """The last loss recorded (``nan`` if no iteration ran)."""
+        return self.losses[-1] if self.losses else float("nan")
+
+
+
+def fit_loop(step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool,
+             callback: Optional[Callable[[int, float], Optional[bool]]], desc: str,
+             round_off: Optional[Callable[[], float]],
+             stalled: Callable[[], List[str]]) -> EMResult:
+    """Run ``step()`` until the loss stops improving (see :meth:`EM.fit` for the arguments and
+    the convergence test), with a progress bar named ``desc``, logging and the warnings.
+
+    :param step: one EM iteration; returns ``(loss, data points)``.
+    :param round_off: for exact EM, the relative rise of the loss that round-off can make, in
+        the params' precision once planned (a larger rise is reported); ``None`` for steps that
+        may raise the loss (generalized, online EM).
+    :param stalled: the params the last step's gradient M-step could not move.
+    :returns: the :class:`EMResult`.
+    """
+    result, rose = EMResult(), None
+    stream = sys.stderr or sys.stdout  # both can be None (pythonw, some services)
+    with tqdm(total=max_iter, disable=not progress or stream is None, desc=desc, file=stream) as bar:
+        for i in range(max_iter):
+            start = time.perf_counter()
+            loss, rows = step()
+            seconds = time.perf_counter() - start
+            result.losses.append(loss)
+            change = abs(result.losses[-2] - loss) / max(1.0, abs(result.losses[-2])) if i else math.inf
+            logger.info("%s iteration %d: loss %.10g, %.3g s, %.4g data points/s", desc, i, loss, seconds, rows / max(seconds, 1e-9))
+            bar.set_postfix(loss=f"{loss:.6g}", rel_change=f"{change:.2g}", points_per_s=f"{rows / max(seconds, 1e-9):.3g}", refresh=False)
+            bar.update()
+            if i == 0 and not bar.disable:  # the first step also plans: rate from the second on
+                bar.start_t = bar._time()
+            if round_off is not None and rose is None and i and loss - result.losses[-2] > round_off() * max(1.0, abs(result.losses[-2])):
+                rose = i
+            if change <= tol:
+                # A stalled M-step changes nothing either: that is no convergence; nor is
+                # the end of a fit whose loss rose (an exact EM step never raises it).
+                result.converged = not stalled() and rose is None
+                break
+            if callback is not None and callback(i, loss):
+                break
+        if result.n_iter < max_iter and not bar.disable:  # stopped early: show it complete
+            bar.total = result.n_iter
+            bar.refresh()
+    if stalled():
+        warnings.warn(
+            "EM stopped without converging: the gradient M-step could not improve param(s) "
+            + ", ".join(f"'{n}'" for n in stalled())
+            + " (see MStepWarning).",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    elif rose is not None:
+        warnings.warn(
+            f"The loss rose at iteration {rose} ({result.losses[rose - 1]:.10g} -> "
+            f"{result.losses[rose]:.10g}), which an exact EM step never does: the fit is not "
+            "reported as converged. Please report the model to pyro_em's developers.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    elif not result.converged and result.n_iter == max_iter:
+        warnings.warn(
+            f"EM did not converge in max_iter={max_iter} iterations (last relative change "
+            f"above tol={tol:g}); increase max_iter or tol.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    return result
