@@ -192,17 +192,26 @@ class _Iteration:
         marginal likelihood summed over the batches and processes (a 0-dim tensor). Sets
         :attr:`rows`, the data points of this process."""
         pending, new = list(self.first.updates.closed_form), {}
-        loss, again, self._kept, self.rows = None, False, [], 0
+        loss, again, self._kept, self.rows, passes = None, False, [], 0, 0
         while not again or pending:
             stats, solvers, cut, error = {}, {}, len(pending), None
             try:
-                for pb, parts, log_z, _ in self.weighted(again):
+                items = self.weighted(again) if self.keep else ((pb, None, None, None) for pb in self.planned(again))
+                for i, (pb, parts, log_z, _) in enumerate(items):
+                    drop = i > 0 or self._rank > 0
+                    if parts is None and i > 0 and self.cache and self.planner.jit:
+                        own, log_z = self._captured_summary(pb, passes, drop, pending[:cut], new)
+                        own_solvers, n = {}, next((k for k, name in enumerate(pending[:cut]) if name not in own), cut)
+                    else:
+                        if parts is None:
+                            parts, log_z, _ = _e_step(self.planner, pb, drop)
+                        own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, self.settings.reg_covar)
                     if not again:
                         loss, self.rows = log_z if loss is None else loss + log_z, self.rows + pb.rows
-                    own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, self.settings.reg_covar)
                     cut = min(cut, n)
                     for name in pending[:cut]:
-                        solvers.setdefault(name, own_solvers[name])
+                        if name in own_solvers:  # (the pass's first batch runs in Python: it gives them)
+                            solvers.setdefault(name, own_solvers[name])
                         stats[name] = _add(stats.get(name), own[name])
             except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
                 error = e
@@ -214,8 +223,21 @@ class _Iteration:
                 stage = self.online.blend(stage)
             for name, s in stage.items():
                 new[name] = solve(name, s, solvers[name])
-            pending, again = pending[cut:], True
+            pending, again, passes = pending[cut:], True, passes + 1
         return new, loss
+
+    def _captured_summary(self, pb: PlannedBatch, passes: int, drop: bool, names: List[str],
+                          new: Dict[str, torch.Tensor]) -> Tuple[Stats, torch.Tensor]:
+        """A batch's E-step and statistics of ``names`` in pass ``passes``, from the batch's
+        captured program once there is one: the params and the values solved so far in, the
+        statistics and ``log Z`` out. (Not the pass's first batch: the solvers, which hold one
+        batch's tensors, come from a run in Python.)"""
+        def run() -> Tuple[Stats, torch.Tensor]:
+            parts, log_z, _ = _e_step(self.planner, pb, drop)
+            return summarize(pb.updates, names, parts, new, self.settings.reg_covar)[0], log_z
+
+        program = self.planner.summary_program(pb, (passes, drop, tuple(names), tuple(new)) + self.settings.key)
+        return program([*self.params.values(), *new.values()], run)
 
     def gradient_m_step(self, rest: Dict[str, torch.Tensor]) -> List[str]:
         """Maximize ``Q`` over the params without a closed form, one piece per batch."""

@@ -14,7 +14,7 @@ Nothing here runs an iteration: :mod:`pyro_em.iteration` does, from the plans.
 """
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 import pyro
@@ -26,7 +26,7 @@ from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, note_obs_mask, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
 from .map_sites import MapMessenger
-from .program import CAPTURE_AFTER, BatchQ, Program, StepProgram
+from .program import CAPTURE_AFTER, BatchQ, Program, StepProgram, SummaryProgram
 from . import program as _program
 
 _PROBE_DIMS = 16  # enumeration dims for the plate-nesting probe start this far left
@@ -45,6 +45,7 @@ class PlannedBatch:
     planned_structure: Optional[tuple] = None  # of the trace the plan was made from
     q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
     step: Optional[StepProgram] = None  # its closed-form stage, once EM.step ran it
+    summaries: Dict[tuple, SummaryProgram] = field(default_factory=dict)  # its share of each pass over batches
 
     @property
     def updates(self) -> MStepPlan:
@@ -253,6 +254,15 @@ class Planner:
             pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, after=after,
                                                inference=not pb.plan.gradient))
         return pb.step
+
+    def summary_program(self, pb: PlannedBatch, key: tuple) -> SummaryProgram:
+        """The batch's E-step and statistics in one pass over batches (``key``: the pass, the
+        params it summarizes, and the settings it reads)."""
+        key = key + (self.temperature,)
+        if key not in pb.summaries:
+            after = CAPTURE_AFTER if pb.chain is not None else _program.CAPTURE_TRACED_AFTER
+            pb.summaries[key] = SummaryProgram(Program(self.compile, finite=False, enabled=self.jit, after=after))
+        return pb.summaries[key]
 
     def batch_q(self, pb: PlannedBatch) -> BatchQ:
         """The batch's piece of ``Q``, made at its first use."""

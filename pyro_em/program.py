@@ -469,3 +469,33 @@ class StepProgram:
         for name, w in weights.items():
             w._pyro_dims = dims[name]
         return dict(zip(names, out[:len(names)])), out[len(names)], weights
+
+
+class SummaryProgram:
+    """One batch's share of a pass of :meth:`~pyro_em.EM.step_batches` (its E-step and the
+    statistics of the params solved in that pass), from a captured graph once there is one:
+    the params' unconstrained values and the values solved earlier in the step in, the
+    statistics and ``log Z`` out.
+
+    :param program: the :class:`Program` that runs it.
+    """
+
+    def __init__(self, program: Program):
+        self.program, self._layout = program, None
+
+    def __call__(self, inputs: Sequence[torch.Tensor], run: Callable[[], Tuple[Dict[str, Dict[str, torch.Tensor]], torch.Tensor]]):
+        """``run()``'s ``(statistics, log Z)``."""
+        def eager() -> Tensors:
+            stats, log_z = run()
+            if self._layout is None:
+                self._layout = [(name, sorted(own)) for name, own in stats.items()]
+            # (detached: a MAP site's prior term, taken out of a batch's log Z, carries autograd)
+            return (*[stats[name][k].detach() for name, keys in self._layout for k in keys], log_z.detach())
+
+        with torch.no_grad():
+            out = self.program(list(inputs), eager)
+        stats, i = {}, 0
+        for name, keys in self._layout:
+            stats[name] = dict(zip(keys, out[i:i + len(keys)]))
+            i += len(keys)
+        return stats, out[-1]

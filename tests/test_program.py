@@ -304,3 +304,38 @@ def test_options_are_checked():
         EM(lambda: None, compile="fast")
     with pytest.raises(ValueError, match="hmm_algorithm must be"):
         EM(lambda: None, hmm_algorithm="fastest")
+
+
+@pytest.mark.parametrize("which", ["gmm", "hmm"])
+def test_steps_over_batches_run_captured_summaries(which):
+    """step_batches over a list of batches: past each pass's first batch (run in Python, for
+    the solvers), every batch's E-step and statistics run as its captured graph, with the
+    iterates of jit=False; a full-covariance mixture takes two passes (the covariance reads
+    the new means)."""
+    if which == "gmm":
+        model, X = gmm("full")
+        batches = [(x,) for x in X.split(len(X) // 4)]
+    else:
+        X, params = hmm_problem(8, 30, 4)
+
+        def model(X):
+            start, trans, emit = params()
+            with pyro.plate("seqs", X.shape[0]):
+                z = None
+                for t in pyro.markov(range(X.shape[1])):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
+                    pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+        batches = [(x,) for x in X.split(2)]
+    runs = {}
+    for jit in (False, True):
+        pyro.clear_param_store()
+        em = EM(model, jit=jit)
+        losses = [em.step_batches(batches) for _ in range(5)]
+        runs[jit] = losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-10, atol=1e-12)
+    held = [p.program.state for pb in em._planner.plans.entries().values() for p in pb.summaries.values()]
+    assert held and set(held) == {"captured"}
+    assert len({key[0] for pb in em._planner.plans.entries().values() for key in pb.summaries}) == (2 if which == "gmm" else 1)
