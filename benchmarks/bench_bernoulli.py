@@ -19,7 +19,7 @@ from scipy.special import logsumexp
 from sklearn.datasets import load_digits
 from torch.distributions import constraints
 
-from _timing import best_time
+from _timing import best_time, docs_table
 from pyro_em import EM
 
 
@@ -95,5 +95,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
     args = parser.parse_args()
-    main(args.k, args.repeat)
+    with docs_table("bench_bernoulli", args.docs):
+        main(args.k, args.repeat)

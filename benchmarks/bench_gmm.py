@@ -33,7 +33,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch.distributions import constraints
 
-from _timing import best_time, peak_extra_memory
+from _timing import best_time, docs_table, peak_extra_memory
 from pyro_em import EM
 
 
@@ -211,10 +211,13 @@ if __name__ == "__main__":
     parser.add_argument("--compile", nargs="?", const=True, default=None,
                         help="time EM(model, compile=MODE) against the default step (MODE: a torch.compile mode; "
                              "none given: compile=True)")
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
     args = parser.parse_args()
-    if args.compile is not None:
-        compiled(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, args.compile)
-    elif args.diagonal:
-        diagonal(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat)
-    else:
-        main(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, memory_only=args.memory)
+    variant = " --compile" if args.compile is not None else " --diagonal" if args.diagonal else ""
+    with docs_table(f"bench_gmm{variant} {args.dtype}", args.docs and not args.memory):
+        if args.compile is not None:
+            compiled(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, args.compile)
+        elif args.diagonal:
+            diagonal(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat)
+        else:
+            main(args.n, args.d, args.k, getattr(torch, args.dtype), args.repeat, memory_only=args.memory)

@@ -20,7 +20,7 @@ import numpy as np
 import pyro
 import torch
 
-from _timing import best_time
+from _timing import best_time, docs_table
 from bench_gmm import make_model
 from bench_hmm import hmmlearn_iteration, vectorized
 from pyro_em import EM
@@ -103,6 +103,8 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes on the CPU")
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick else args.device)
-    main(device, getattr(torch, args.dtype), args.repeat, args.quick)
+    with docs_table(f"bench_gpu {device.type} {args.dtype}", args.docs):
+        main(device, getattr(torch, args.dtype), args.repeat, args.quick)

@@ -27,7 +27,7 @@ import torch
 from pyro import poutine
 from torch.distributions import constraints
 
-from _timing import best_time
+from _timing import best_time, docs_table
 from pyro_em import EM
 
 
@@ -110,4 +110,7 @@ def main(repeat):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    main(parser.parse_args().repeat)
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
+    args = parser.parse_args()
+    with docs_table("bench_gradient", args.docs):
+        main(args.repeat)

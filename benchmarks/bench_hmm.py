@@ -27,7 +27,7 @@ import torch
 from hmmlearn import hmm
 from torch.distributions import constraints
 
-from _timing import best_time
+from _timing import best_time, docs_table
 from pyro_em import EM
 
 K, M = 8, 16
@@ -164,5 +164,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scan", action="store_true", help="the forward-backward algorithms against each other")
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
     args = parser.parse_args()
-    scan(args.repeat) if args.scan else main(args.repeat)
+    with docs_table("bench_hmm" + (" --scan" if args.scan else ""), args.docs):
+        scan(args.repeat) if args.scan else main(args.repeat)

@@ -15,7 +15,7 @@ given the relative tolerance that matches at the final loss. Each fit includes p
 planning (its first step). The ratio is pyro_em's seconds over the peer's; the goal of the
 step-program work is at most 1. Float64, CPU.
 
-Run:  python benchmarks/bench_small.py [--repeat 3]
+Run:  python benchmarks/bench_small.py [--repeat 3] [--docs]
 """
 
 import argparse
@@ -29,6 +29,7 @@ import torch
 from torch.distributions import constraints
 
 import pyro_em.init
+from _timing import docs_table
 from pyro_em import EM
 
 EARTHQUAKES = [
@@ -141,4 +142,7 @@ def main(repeat):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each fit; the fastest is kept")
-    main(parser.parse_args().repeat)
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.rst")
+    args = parser.parse_args()
+    with docs_table("bench_small", args.docs):
+        main(args.repeat)

@@ -31,3 +31,23 @@ def test_small_problems_benchmark_runs_and_both_reach_the_same_optimum():
     for row in rows:
         peer, ours = row.split()[-3], row.split()[-1]
         assert peer == ours  # the same log-likelihood to 4 decimals
+
+
+def test_a_script_writes_its_table_into_the_docs(tmp_path, capsys):
+    """``--docs``: what a script prints becomes its block of the performance page, added the
+    first time and replaced the next, with the command, the day and the machine."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _timing import docs_table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    page = tmp_path / "performance.rst"
+    page.write_text("Performance\n\n.. end of the latest runs\n\nHistory\n")
+    for ratio in ("0.50", "0.25"):
+        with docs_table("bench_x", True, page):
+            print(f"pyro_em / peer   {ratio}")
+    text = page.read_text()
+    assert capsys.readouterr().out.count("pyro_em / peer") == 2  # (printed as usual too)
+    assert text.count(".. begin bench_x") == 1 and "    pyro_em / peer   0.25" in text and "0.50" not in text
+    assert text.index(".. end bench_x") < text.index(".. end of the latest runs") < text.index("History")
+    assert "torch " in text and "threads" in text
