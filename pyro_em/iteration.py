@@ -23,7 +23,7 @@ import torch
 from . import distributed
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE
-from .closed_form import MStepPlan, estep_parts, solve, summarize, write
+from .closed_form import MStepPlan, Solver, estep_parts, solve, summarize, write
 from .estep import EStep, enum_symbols
 from .gradient import GradientMStep, Objective
 from .hmm import algorithm, hmm_log_prob
@@ -196,12 +196,15 @@ class _Iteration:
         while not again or pending:
             stats, solvers, cut, error = {}, {}, len(pending), None
             try:
-                items = self.weighted(again) if self.keep else ((pb, None, None, None) for pb in self.planned(again))
+                # Each batch's share as its captured graph, over batches (a single-batch step
+                # keeps one E-step for all passes, in a graph of its own).
+                captured = self.cache and self.planner.jit and not self.keep
+                items = self.weighted(again) if self.keep and not captured else ((pb, None, None, None) for pb in self.planned(again))
                 for i, (pb, parts, log_z, _) in enumerate(items):
                     drop = i > 0 or self._rank > 0
-                    if parts is None and i > 0 and self.cache and self.planner.jit:
-                        own, log_z = self._captured_summary(pb, passes, drop, pending[:cut], new)
-                        own_solvers, n = {}, next((k for k, name in enumerate(pending[:cut]) if name not in own), cut)
+                    if captured:
+                        own, own_solvers, log_z = self._captured_summary(pb, passes, drop, pending[:cut], new)
+                        n = next((k for k, name in enumerate(pending[:cut]) if name not in own), cut)
                     else:
                         if parts is None:
                             parts, log_z, _ = _e_step(self.planner, pb, drop)
@@ -210,8 +213,7 @@ class _Iteration:
                         loss, self.rows = log_z if loss is None else loss + log_z, self.rows + pb.rows
                     cut = min(cut, n)
                     for name in pending[:cut]:
-                        if name in own_solvers:  # (the pass's first batch runs in Python: it gives them)
-                            solvers.setdefault(name, own_solvers[name])
+                        solvers.setdefault(name, own_solvers[name])
                         stats[name] = _add(stats.get(name), own[name])
             except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
                 error = e
@@ -227,14 +229,15 @@ class _Iteration:
         return new, loss
 
     def _captured_summary(self, pb: PlannedBatch, passes: int, drop: bool, names: List[str],
-                          new: Dict[str, torch.Tensor]) -> Tuple[Stats, torch.Tensor]:
-        """A batch's E-step and statistics of ``names`` in pass ``passes``, from the batch's
-        captured program once there is one: the params and the values solved so far in, the
-        statistics and ``log Z`` out. (Not the pass's first batch: the solvers, which hold one
-        batch's tensors, come from a run in Python.)"""
-        def run() -> Tuple[Stats, torch.Tensor]:
+                          new: Dict[str, torch.Tensor]) -> Tuple[Stats, Dict[str, Solver], torch.Tensor]:
+        """A batch's E-step, statistics of ``names`` in pass ``passes`` and their solvers, from
+        the batch's captured program once there is one: the params and the values solved so
+        far in, the statistics and ``log Z`` out. (A solver reads only its rule and settings,
+        the same at every step: those of the program's Python run serve.)"""
+        def run() -> Tuple[Stats, Dict[str, Solver], torch.Tensor]:
             parts, log_z, _ = _e_step(self.planner, pb, drop)
-            return summarize(pb.updates, names, parts, new, self.settings.reg_covar)[0], log_z
+            stats, solvers, _ = summarize(pb.updates, names, parts, new, self.settings.reg_covar)
+            return stats, solvers, log_z
 
         program = self.planner.summary_program(pb, (passes, drop, tuple(names), tuple(new)) + self.settings.key)
         return program([*self.params.values(), *new.values()], run)

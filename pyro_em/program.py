@@ -472,21 +472,21 @@ class StepProgram:
 
 
 class SummaryProgram:
-    """One batch's share of a pass of :meth:`~pyro_em.EM.step_batches` (its E-step and the
-    statistics of the params solved in that pass), from a captured graph once there is one:
-    the params' unconstrained values and the values solved earlier in the step in, the
-    statistics and ``log Z`` out.
+    """One batch's share of a pass over batches (its E-step and the statistics of the params
+    solved in that pass), from a captured graph once there is one: the params' unconstrained
+    values and the values solved earlier in the step in, the statistics and ``log Z`` out.
+    The solvers (Python objects: a rule and its settings) come from its latest run in Python.
 
     :param program: the :class:`Program` that runs it.
     """
 
     def __init__(self, program: Program):
-        self.program, self._layout = program, None
+        self.program, self._layout, self.solvers = program, None, None
 
-    def __call__(self, inputs: Sequence[torch.Tensor], run: Callable[[], Tuple[Dict[str, Dict[str, torch.Tensor]], torch.Tensor]]):
-        """``run()``'s ``(statistics, log Z)``."""
+    def __call__(self, inputs: Sequence[torch.Tensor], run: Callable[[], tuple]):
+        """``run()``'s ``(statistics, solvers, log Z)``."""
         def eager() -> Tensors:
-            stats, log_z = run()
+            stats, self.solvers, log_z = run()
             if self._layout is None:
                 self._layout = [(name, sorted(own)) for name, own in stats.items()]
             # (detached: a MAP site's prior term, taken out of a batch's log Z, carries autograd)
@@ -498,4 +498,4 @@ class SummaryProgram:
         for name, keys in self._layout:
             stats[name] = dict(zip(keys, out[i:i + len(keys)]))
             i += len(keys)
-        return stats, out[-1]
+        return stats, self.solvers, out[-1]

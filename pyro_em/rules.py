@@ -542,10 +542,14 @@ class NormalScaleRule(Rule):
 
     def summarize(self, ctx):
         # Squared deviations about the new means, exactly (no x^2 - 2 x m + m^2 cancellation).
-        deviation = ctx.value - ctx.current("loc")
+        loc = ctx.current("loc")
+        deviation = ctx.value - loc
         return {
             "ss": ctx.pool(ctx.weight, deviation.square_() if deviation.is_floating_point() else deviation**2),
             "w": ctx.pool(ctx.weight, torch.ones_like(ctx.value)),
+            # (the squared means, for the round-off floor of the variance: a statistic, so that
+            # the solve reads nothing of one batch's tensors)
+            "mm": ctx.pool(ctx.weight, loc.detach().square().expand(deviation.shape)),
         }
 
     def solve(self, stats, old, ctx):
@@ -554,7 +558,7 @@ class NormalScaleRule(Rule):
         # A deviation at the round-off of the means is none: the points coincide (a component
         # on one datum, MAP values on their prior's loc), where the likelihood is unbounded.
         eps, tiny = torch.finfo(var.dtype).eps, torch.finfo(var.dtype).tiny
-        floor = (8 * eps) ** 2 * ctx.current("loc").detach().square().max().to(var.dtype)
+        floor = (8 * eps) ** 2 * _ratio(_slots(stats["mm"], old), w).max().to(var.dtype)
         collapsed = ((var.sqrt() <= tiny) | (var <= floor)) & (w > 0)
         if bool(collapsed.any()):
             raise Collapse("a variance is zero up to round-off (a component collapsed onto one point, "

@@ -308,10 +308,9 @@ def test_options_are_checked():
 
 @pytest.mark.parametrize("which", ["gmm", "hmm"])
 def test_steps_over_batches_run_captured_summaries(which):
-    """step_batches over a list of batches: past each pass's first batch (run in Python, for
-    the solvers), every batch's E-step and statistics run as its captured graph, with the
-    iterates of jit=False; a full-covariance mixture takes two passes (the covariance reads
-    the new means)."""
+    """step_batches over a list of batches: every batch's E-step and statistics run as its
+    captured graph, with the iterates of jit=False; a full-covariance mixture takes two passes
+    (the covariance reads the new means)."""
     if which == "gmm":
         model, X = gmm("full")
         batches = [(x,) for x in X.split(len(X) // 4)]
@@ -339,3 +338,4 @@ def test_steps_over_batches_run_captured_summaries(which):
     held = [p.program.state for pb in em._planner.plans.entries().values() for p in pb.summaries.values()]
     assert held and set(held) == {"captured"}
     assert len({key[0] for pb in em._planner.plans.entries().values() for key in pb.summaries}) == (2 if which == "gmm" else 1)
+
