@@ -277,7 +277,7 @@ def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors], compile:
             raise CaptureError(f"a result depends on a random draw ({node.target})")
         if node.op == "call_function" and _writes(node) and any(_base(a) in placeholders for a in _written(node)):
             raise CaptureError(f"an operation writes into an input ({node.target})")
-    _fold_constants(gm, set(placeholders))
+    _fold_constants(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
@@ -358,7 +358,7 @@ def _random(node: torch.fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
 
 
-def _fold_constants(gm: torch.fx.GraphModule, placeholders: set) -> None:
+def _fold_constants(gm: torch.fx.GraphModule) -> None:
     """Evaluate once the operations that read no input (nor a buffer an operation writes
     into, nor a random draw) and put their results in the graph as constants."""
     written = {_base(a) for n in gm.graph.nodes if n.op == "call_function" and _writes(n) for a in _written(n)}
