@@ -215,8 +215,9 @@ class Planner:
             planned = self._plan(args, kwargs, arguments)
             kept = self._kept_programs.pop(key, None)
             if kept is not None and kept.planned_structure == planned.planned_structure and _same_division(kept.plan, planned.plan):
-                planned.step, planned.q = kept.step, kept.q  # (a restart: same model, same data)
-                for held in (planned.step, planned.q):
+                # (a restart: same model, same data)
+                planned.step, planned.q, planned.summaries = kept.step, kept.q, kept.summaries
+                for held in (planned.step, planned.q, *planned.summaries.values()):
                     if held is not None:
                         held.program.recheck()
             self.plans.put(key if cache else None, planned)
@@ -276,7 +277,7 @@ class Planner:
     def new_run(self) -> None:
         """Forget the plans, which hold the params' identity (a restart makes new params); keep
         their programs, which take the params as inputs, for the same batches planned alike."""
-        self._kept_programs = {key: pb for key, pb in self.plans.entries().items() if pb.step or pb.q}
+        self._kept_programs = {key: pb for key, pb in self.plans.entries().items() if pb.step or pb.q or pb.summaries}
         self.plans.clear()
 
     def check_structure_kept(self, args: tuple, kwargs: dict) -> None:

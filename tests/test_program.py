@@ -339,3 +339,20 @@ def test_steps_over_batches_run_captured_summaries(which):
     assert held and set(held) == {"captured"}
     assert len({key[0] for pb in em._planner.plans.entries().values() for key in pb.summaries}) == (2 if which == "gmm" else 1)
 
+
+
+def test_restarts_keep_their_graphs(monkeypatch):
+    """fit(n_init=3): the step is captured once, and each restart's graph run is checked again
+    against Python (new params); the runs equal those of jit=False."""
+    model, X = gmm("full")
+    captures, capture = [], program._capture
+    monkeypatch.setattr(program, "_capture", lambda *a: captures.append(1) or capture(*a))
+    results = {}
+    for jit in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[jit] = EM(model, reg_covar=1e-3, jit=jit).fit(X, n_init=3, max_iter=10).run_losses
+    assert len(captures) == 1
+    assert results[True] == pytest.approx(results[False], rel=1e-10)
