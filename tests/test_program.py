@@ -193,11 +193,8 @@ def hmm_problem(S, T, M):
     return X, params
 
 
-def test_closed_form_steps_captured_on_long_chains():
-    """A pyro.markov HMM long enough for the blocked forward-backward, whose buffers (an
-    identity-padded stack of transitions) are made by factories and written by captured
-    operations: each run makes them anew."""
-    X, params = hmm_problem(4, 150, 5)
+def markov_hmm(params):
+    """A categorical HMM written with pyro.markov over sequences ``X`` (S, T)."""
 
     def model(X):
         start, trans, emit = params()
@@ -207,7 +204,15 @@ def test_closed_form_steps_captured_on_long_chains():
                 z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
                 pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
 
-    assert_same_fit(lambda: model, (X,), 6, "captured", "step")
+    return model
+
+
+def test_closed_form_steps_captured_on_long_chains():
+    """A pyro.markov HMM long enough for the blocked forward-backward, whose buffers (an
+    identity-padded stack of transitions) are made by factories and written by captured
+    operations: each run makes them anew."""
+    X, params = hmm_problem(4, 150, 5)
+    assert_same_fit(lambda: markov_hmm(params), (X,), 6, "captured", "step")
 
 
 def test_a_changed_setting_captures_again():
@@ -316,16 +321,7 @@ def test_steps_over_batches_run_captured_summaries(which):
         batches = [(x,) for x in X.split(len(X) // 4)]
     else:
         X, params = hmm_problem(8, 30, 4)
-
-        def model(X):
-            start, trans, emit = params()
-            with pyro.plate("seqs", X.shape[0]):
-                z = None
-                for t in pyro.markov(range(X.shape[1])):
-                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]))
-                    pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
-
-        batches = [(x,) for x in X.split(2)]
+        model, batches = markov_hmm(params), [(x,) for x in X.split(2)]
     runs = {}
     for jit in (False, True):
         pyro.clear_param_store()
