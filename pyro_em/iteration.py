@@ -193,12 +193,12 @@ class _Iteration:
         :attr:`rows`, the data points of this process."""
         pending, new = list(self.first.updates.closed_form), {}
         loss, again, self._kept, self.rows, passes = None, False, [], 0, 0
+        # Each batch's share as its captured graph, over batches (a single-batch step keeps one
+        # E-step for all passes, in a graph of its own).
+        captured = self.cache and self.planner.jit and not self.keep
         while not again or pending:
             stats, solvers, cut, error = {}, {}, len(pending), None
             try:
-                # Each batch's share as its captured graph, over batches (a single-batch step
-                # keeps one E-step for all passes, in a graph of its own).
-                captured = self.cache and self.planner.jit and not self.keep
                 items = self.weighted(again) if self.keep and not captured else ((pb, None, None, None) for pb in self.planned(again))
                 for i, (pb, parts, log_z, _) in enumerate(items):
                     drop = i > 0 or self._rank > 0
