@@ -35,7 +35,7 @@ import torch.distributions as td
 from pyro.poutine.trace_struct import Trace
 
 from ._validation import MAP_FLAG
-from .closed_form import MStepPlan, Use, components, distribution_args, unwrap
+from .closed_form import MStepPlan, Use, components, distribution_args, solve_passes, unwrap
 from .estep import enum_symbols, packed_scale
 from .hmm import JointEmission
 from .rules import find_rule
@@ -249,6 +249,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
         if not uses:
             return None
         fused.closed_form[name] = uses
+    fused.passes = solve_passes(fused)
     return FusedChain(values, active, start, trans, specs, fused, priors)
 
 

@@ -58,10 +58,14 @@ class MStepPlan:
 
     :ivar dict closed_form: param name -> its uses, in update order (means before scales).
     :ivar dict gradient: param name -> why it takes the gradient M-step.
+    :ivar list passes: the closed-form params in solve order, a list per pass over the data: a
+        param whose rule reads (:meth:`~pyro_em.rules.Rule.reads`) one earlier in the plan
+        starts a new pass, which reads that param's new value.
     """
 
     closed_form: Dict[str, List[Use]] = field(default_factory=dict)
     gradient: Dict[str, str] = field(default_factory=dict)
+    passes: List[List[str]] = field(default_factory=list)
     tracked_args: Dict[Tuple[str, str], Dict[str, Tuple[str, torch.Tensor]]] = field(default_factory=dict)
     maps: Dict[Tuple[str, str, str], tuple] = field(default_factory=dict)
     read_unobserved: set = field(default_factory=set)
@@ -285,6 +289,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         sorted(plan.closed_form.items(), key=lambda kv: min(u.rule.priority for u in kv[1]))
     )
     _mark_joint_updates(plan)
+    plan.passes = solve_passes(plan)
     if mode == "closed_form" and plan.gradient:
         name, why = next(iter(plan.gradient.items()))
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
@@ -353,6 +358,19 @@ def _varies_over_plates(ids: torch.Tensor, fn: td.Distribution, site: dict) -> b
         if f.vectorized and 0 <= batch + f.dim < batch and ids.shape[batch + f.dim] > 1:
             return True
     return False
+
+
+def solve_passes(plan: MStepPlan) -> List[List[str]]:
+    """The closed-form params cut into passes: a param whose rule reads a param of the
+    current pass starts the next one."""
+    passes: List[List[str]] = [[]]
+    for name, uses in plan.closed_form.items():
+        read = {plan.tracked_args.get((u.site, u.part), {}).get(arg, (None,))[0]
+                for u in uses for arg in u.rule.reads(u.arg, u.joint)}
+        if read & set(passes[-1]):
+            passes.append([])
+        passes[-1].append(name)
+    return passes if passes[0] else []
 
 
 def _mark_joint_updates(plan: MStepPlan) -> None:
@@ -429,15 +447,15 @@ class Solver:
 def summarize(
     plan: MStepPlan, names: List[str], parts: Callable[[str], Dict[str, tuple]],
     new: Dict[str, torch.Tensor], reg_covar: float = 0.0,
-) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Solver], int]:
-    """The additive statistics of the closed-form params ``names`` (in plan order) from one
-    batch of weighted sites ``parts`` (a site name -> ``{part: (fn, value, weight)}``
-    function, see :func:`estep_parts`). A rule that needs another argument of its
-    distribution (a scale needs the mean) sees the values in ``new``: params solved earlier.
+) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Solver]]:
+    """The additive statistics and :class:`Solver` of the closed-form params ``names`` (a pass
+    of :attr:`MStepPlan.passes`) from one batch of weighted sites ``parts`` (a site name ->
+    ``{part: (fn, value, weight)}`` function, see :func:`estep_parts`). A rule that reads
+    another argument of its distribution (a scale reads the mean) sees the values in ``new``:
+    the params of earlier passes.
 
-    :returns: ``(stats, solvers, n)``: the statistics and :class:`Solver` of ``names[:n]``;
-        ``names[n]`` is the first param whose statistics read a param among ``names[:n]``,
-        which must be solved first (``n == len(names)`` when there is none).
+    :raises TypeError: naming the rule if it reads a param of this pass that its
+        :meth:`~pyro_em.rules.Rule.reads` does not declare.
     """
     store = pyro.get_param_store()
     stats: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -448,28 +466,23 @@ def summarize(
         # param used as logits=probs.log()).
         maps = next((u.maps for u in uses if type(u.rule).solve is not Rule.solve), ())
         numel = store._params[name].numel()
-        unsolved = set(names[:i])
         own: Dict[str, torch.Tensor] = {}
         solver, prior = None, None
-        try:
-            for use in uses:
-                fn, value, weight = parts(use.site)[use.part]
-                ctx = UseContext(
-                    fn, value, weight, use.ids, use.arg, numel,
-                    _current(plan, use.site, use.part, fn, new, unsolved), reg_covar, use.joint,
-                    use.jacobian,
-                )
-                for key, s in use.rule.summarize(ctx).items():
-                    own[key] = own[key] + s if key in own else s
-                if solver is None and type(use.rule).solve is not Rule.solve:
-                    solver = Solver(use.rule, ctx, maps, None)
-                if use.arg == "value" and prior is None:
-                    prior = (use.site, type(fn).__name__)
-        except _Unsolved:  # read as soon as asked for: no statistics are computed in vain
-            return stats, solvers, i
+        for use in uses:
+            fn, value, weight = parts(use.site)[use.part]
+            ctx = UseContext(
+                fn, value, weight, use.ids, use.arg, numel,
+                _current(plan, use, fn, new, names[:i]), reg_covar, use.joint, use.jacobian,
+            )
+            for key, s in use.rule.summarize(ctx).items():
+                own[key] = own[key] + s if key in own else s
+            if solver is None and type(use.rule).solve is not Rule.solve:
+                solver = Solver(use.rule, ctx, maps, None)
+            if use.arg == "value" and prior is None:
+                prior = (use.site, type(fn).__name__)
         solver.prior = prior
         stats[name], solvers[name] = own, solver
-    return stats, solvers, len(names)
+    return stats, solvers
 
 
 def solve(name: str, stats: Dict[str, torch.Tensor], solver: Solver) -> torch.Tensor:
@@ -509,22 +522,22 @@ def write(new: Dict[str, torch.Tensor]) -> None:
             store._params[name].copy_(unconstrained)
 
 
-class _Unsolved(Exception):
-    """A rule asked for the new value of a param not solved yet in this pass."""
-
-
-def _current(plan: MStepPlan, site: str, part: str, fn, new: Dict[str, torch.Tensor], unsolved: set):
-    tracked = plan.tracked_args.get((site, part), {})
+def _current(plan: MStepPlan, use: Use, fn, new: Dict[str, torch.Tensor], earlier: List[str]):
+    tracked = plan.tracked_args.get((use.site, use.part), {})
 
     def current(arg: str) -> torch.Tensor:
         if arg in tracked:
             name, ids = tracked[arg]
-            if name in unsolved:
-                raise _Unsolved(name)
+            if name in earlier:  # (a declared read would have put it in an earlier pass)
+                raise TypeError(
+                    f"{type(use.rule).__name__} reads argument '{arg}' (param '{name}', updated "
+                    f"in the same M-step) without declaring it: its "
+                    f"reads() must return '{arg}', so that '{name}' is solved first."
+                )
             value = new.get(name)
             if value is None:
                 value = pyro.get_param_store()[name].detach()
-            value = apply_maps(plan.maps.get((site, part, arg), ()), value)
+            value = apply_maps(plan.maps.get((use.site, use.part, arg), ()), value)
             gathered = value.reshape(-1)[ids.clamp_min(0)]
             return torch.where(ids >= 0, gathered, getattr(fn, arg)) if bool((ids < 0).any()) else gathered
         return getattr(fn, arg)

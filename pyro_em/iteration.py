@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import pyro
 import torch
 
-from . import distributed
+from . import distributed, memo
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE
 from .closed_form import MStepPlan, Solver, estep_parts, solve, summarize, write
@@ -90,7 +90,7 @@ def run(planner: Planner, settings: Settings, batches: Iterable[Batch], keep: bo
     store = pyro.get_param_store()
     if planner.plan is not None and any(n not in store for n in planner.plan.params):
         planner.plans.clear()  # the param store was cleared: plan afresh
-    with rollback_new_params(), algorithm(settings.hmm_algorithm):
+    with rollback_new_params(), algorithm(settings.hmm_algorithm), memo.scope(planner.memo):
         iterator = iter(batches)
         planned, error = None, None
         try:
@@ -191,28 +191,26 @@ class _Iteration:
         """The closed-form params' new values, stage by stage over the batches, and the log
         marginal likelihood summed over the batches and processes (a 0-dim tensor). Sets
         :attr:`rows`, the data points of this process."""
-        pending, new = list(self.first.updates.closed_form), {}
-        loss, again, self._kept, self.rows, passes = None, False, [], 0, 0
+        new: Dict[str, torch.Tensor] = {}
+        loss, self._kept, self.rows = None, [], 0
         # Each batch's share as its captured graph, over batches (a single-batch step keeps one
         # E-step for all passes, in a graph of its own).
         captured = self.cache and self.planner.jit and not self.keep
-        while not again or pending:
-            stats, solvers, cut, error = {}, {}, len(pending), None
+        for passes, names in enumerate(self.first.updates.passes or [[]]):
+            again, stats, solvers, error = passes > 0, {}, {}, None
             try:
                 items = self.weighted(again) if self.keep and not captured else ((pb, None, None, None) for pb in self.planned(again))
                 for i, (pb, parts, log_z, _) in enumerate(items):
                     drop = i > 0 or self._rank > 0
                     if captured:
-                        own, own_solvers, log_z = self._captured_summary(pb, passes, drop, pending[:cut], new)
-                        n = next((k for k, name in enumerate(pending[:cut]) if name not in own), cut)
+                        own, own_solvers, log_z = self._captured_summary(pb, passes, drop, names, new)
                     else:
                         if parts is None:
                             parts, log_z, _ = _e_step(self.planner, pb, drop)
-                        own, own_solvers, n = summarize(pb.updates, pending[:cut], parts, new, self.settings.reg_covar)
+                        own, own_solvers = summarize(pb.updates, names, parts, new, self.settings.reg_covar)
                     if not again:
                         loss, self.rows = log_z if loss is None else loss + log_z, self.rows + pb.rows
-                    cut = min(cut, n)
-                    for name in pending[:cut]:
+                    for name in names:
                         solvers.setdefault(name, own_solvers[name])
                         stats[name] = _add(stats.get(name), own[name])
             except Exception as e:  # noqa: BLE001 (raised below, once every process knows)
@@ -220,12 +218,11 @@ class _Iteration:
             distributed.check(error)
             if not again:
                 loss = distributed.all_reduce(loss.reshape(1))[0]
-            stage = _all_reduce_stats({name: stats[name] for name in pending[:cut]})
+            stage = _all_reduce_stats(stats)
             if self.online is not None:
                 stage = self.online.blend(stage)
             for name, s in stage.items():
                 new[name] = solve(name, s, solvers[name])
-            pending, again, passes = pending[cut:], True, passes + 1
         return new, loss
 
     def _captured_summary(self, pb: PlannedBatch, passes: int, drop: bool, names: List[str],
@@ -236,7 +233,7 @@ class _Iteration:
         the same at every step: those of the program's Python run serve.)"""
         def run() -> Tuple[Stats, Dict[str, Solver], torch.Tensor]:
             parts, log_z, _ = _e_step(self.planner, pb, drop)
-            stats, solvers, _ = summarize(pb.updates, names, parts, new, self.settings.reg_covar)
+            stats, solvers = summarize(pb.updates, names, parts, new, self.settings.reg_covar)
             return stats, solvers, log_z
 
         program = self.planner.summary_program(pb, (passes, drop, tuple(names), tuple(new)) + self.settings.key)

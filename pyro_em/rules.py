@@ -14,7 +14,7 @@ import functools
 import math
 import string
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributions as td
@@ -158,6 +158,14 @@ class Rule:
         if ctx.arg == "value":
             return ctx.fn.support
         return ctx.fn.arg_constraints.get(ctx.arg)
+
+    def reads(self, arg: str, joint: bool) -> Tuple[str, ...]:
+        """The other arguments of the distribution whose values :meth:`summarize` reads through
+        ``ctx.current`` when this rule updates ``arg`` (``joint`` as :attr:`UseContext.joint`).
+        A closed-form param among them that comes earlier in the plan is solved first, in an
+        earlier pass over the data; one that comes later is read at its old value. Called
+        once, when the M-step is planned."""
+        return ()
 
     def summarize(self, ctx: UseContext) -> Stats:
         """Additive sufficient statistics of this use, each of shape ``(ctx.numel, ...)``."""
@@ -406,6 +414,9 @@ class GammaConcentrationRule(Rule):
     kind = "gamma_concentration"
     partner = "rate"
 
+    def reads(self, arg, joint):
+        return () if joint else ("rate",)
+
     def summarize(self, ctx):
         stats = {"w": ctx.pool(ctx.weight), "wlogx": ctx.pool(ctx.weight, ctx.value.log())}
         if ctx.joint:
@@ -432,6 +443,9 @@ class GammaRateRule(Rule):
 
     kind = "gamma_rate"
     priority = 1
+
+    def reads(self, arg, joint):
+        return ("concentration",)
 
     def summarize(self, ctx):
         return {"wa": ctx.pool(ctx.weight, ctx.current("concentration")), "wx": ctx.pool(ctx.weight, ctx.value)}
@@ -467,6 +481,9 @@ def _beta_newton(a, b, log_x, log_1mx, update_a: bool, update_b: bool):
 
 
 class _BetaRule(Rule):
+    def reads(self, arg, joint):
+        return ("concentration0" if arg == "concentration1" else "concentration1",)
+
     def summarize(self, ctx):
         other = "concentration0" if ctx.arg == "concentration1" else "concentration1"
         return {
@@ -540,6 +557,9 @@ class NormalScaleRule(Rule):
     kind = "normal_scale"
     priority = 1
 
+    def reads(self, arg, joint):
+        return ("loc",)
+
     def summarize(self, ctx):
         # Squared deviations about the new means, exactly (no x^2 - 2 x m + m^2 cancellation).
         loc = ctx.current("loc")
@@ -608,6 +628,9 @@ class _CovarianceRule(Rule):
 
     kind = "mvn_cov"
     priority = 1
+
+    def reads(self, arg, joint):
+        return ("loc",)
 
     def check(self, ctx):
         D = ctx.ids.shape[-1]

@@ -287,6 +287,45 @@ def test_user_registered_rule():
     torch.testing.assert_close(results["closed_form"], results["gradient"], atol=1e-6, rtol=0)
 
 
+class _NormalWithOwnScaleRule(dist.Normal):
+    """A Normal whose scale's rule the test below registers."""
+
+
+def test_passes_follow_what_rules_declare_they_read():
+    """The M-step's passes come from the rules' ``reads``: a Normal mixture's scales read the
+    new means (a second pass); a rule that reads a param of its own pass without declaring it
+    is a clear error naming the rule, with the params left as they were."""
+    from pyro_em.rules import NormalScaleRule
+
+    @register_m_step(_NormalWithOwnScaleRule, "scale")
+    class Undeclared(NormalScaleRule):
+        def reads(self, arg, joint):
+            return ()
+
+    data = torch.cat([torch.randn(30) - 2, torch.randn(30) + 2])
+    for family, passes in ((dist.Normal, [["weights", "locs"], ["scales"]]), (_NormalWithOwnScaleRule, None)):
+        pyro.clear_param_store()
+
+        def model(data):
+            w = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+            locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+            scales = pyro.param("scales", torch.ones(2), constraint=constraints.positive)
+            with pyro.plate("data", len(data)):
+                z = pyro.sample("z", dist.Categorical(w))
+                pyro.sample("x", family(locs[z], scales[z]), obs=data)
+
+        em = EM(model)
+        if passes is not None:
+            em.step(data)
+            assert em.plan.passes == passes
+            continue
+        before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        with pytest.raises(TypeError, match="Undeclared reads argument 'loc' \\(param 'locs'.*reads\\(\\) must return 'loc'"):
+            em.step(data)
+        for name, value in pyro.get_param_store().items():
+            assert torch.equal(value.detach(), before[name])
+
+
 def test_shared_mean_with_per_component_covariance_falls_back_to_gradient():
     """Sum w x / sum w is not the maximizer when the covariance varies within a mean's slot."""
     data = torch.randn(40, 2)

@@ -312,10 +312,12 @@ def test_options_are_checked():
 
 
 @pytest.mark.parametrize("which", ["gmm", "hmm"])
-def test_steps_over_batches_run_captured_summaries(which):
+def test_steps_over_batches_run_captured_summaries(which, monkeypatch):
     """step_batches over a list of batches: every batch's E-step and statistics run as its
     captured graph, with the iterates of jit=False; a full-covariance mixture takes two passes
-    (the covariance reads the new means)."""
+    (the covariance reads the new means). (The batches after the first share its plan and are
+    traced: their capture waits for CAPTURE_TRACED_AFTER runs.)"""
+    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
     if which == "gmm":
         model, X = gmm("full")
         batches = [(x,) for x in X.split(len(X) // 4)]
