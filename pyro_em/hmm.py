@@ -31,7 +31,7 @@ from pyro.distributions.hmm import _logmatmulexp
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
-from . import kernels
+from . import kernels, memo
 from .tracking import broadcast_shapes, compact, expanded
 
 
@@ -313,8 +313,6 @@ def _matmul(row: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return row @ A if A.dim() == 2 else (row.unsqueeze(-2) @ A).squeeze(-2)
 
 
-_last_forward: list = []  # (fn, value, _Forward) of the latest E-step, reused by forward_backward
-
 ALGORITHMS = ("sequential", "blocked", "parallel")
 
 _ALGORITHM: contextvars.ContextVar = contextvars.ContextVar("pyro_em_hmm_algorithm", default=None)
@@ -364,18 +362,20 @@ def choose_algorithm(batch: int, T: int, K: int, device: torch.device) -> str:
 
 
 def hmm_log_prob(fn: DiscreteHMM, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` by a forward pass (not differentiable). The pass is kept for a
-    :func:`forward_backward` on the same ``fn`` and ``value`` (the M-step after an E-step)."""
+    """``fn.log_prob(value)`` by a forward pass (not differentiable). Within a
+    :func:`pyro_em.memo.scope` the pass is kept for a :func:`forward_backward` on the same
+    ``fn`` and ``value`` (the M-step after an E-step)."""
     with torch.no_grad():
         factors = hmm_factors(fn, value)
     algorithm = _algorithm(*factors)
     if algorithm == "parallel":
-        post = parallel_forward_backward(*factors)
-        _last_forward[:] = [fn, value, post]
-        return post.log_z
-    with torch.no_grad():
-        fwd = _forward(*factors, algorithm)
-    _last_forward[:] = [fn, value, fwd]
+        fwd = parallel_forward_backward(*factors)
+    else:
+        with torch.no_grad():
+            fwd = _forward(*factors, algorithm)
+    store = memo.current()
+    if store is not None:
+        store["hmm_forward"] = (fn, value, fwd)
     return fwd.log_z
 
 
@@ -391,8 +391,9 @@ def forward_backward(fn: DiscreteHMM, value: torch.Tensor) -> HMMPosterior:
     """The log likelihood and every posterior of ``fn`` at ``value`` (see :class:`HMMPosterior`),
     by the scaled forward-backward recursions (in blocks or not) or
     :func:`parallel_forward_backward`, as :func:`choose_algorithm` says."""
-    cached = _last_forward[2] if _last_forward and _last_forward[0] is fn and _last_forward[1] is value else None
-    _last_forward.clear()
+    store = memo.current()
+    kept = store.pop("hmm_forward", None) if store is not None else None
+    cached = kept[2] if kept is not None and kept[0] is fn and kept[1] is value else None
     if isinstance(cached, HMMPosterior):
         return cached
     with torch.no_grad():

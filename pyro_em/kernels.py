@@ -22,6 +22,7 @@ import torch.distributions as td
 
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 
+from . import memo
 from .tracking import broadcast_shapes, compact
 
 _KERNELS: Dict[type, Callable] = {}
@@ -122,20 +123,24 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     return _arrange(maha, const, comp_last, batch)
 
 
-_FEATURE_MAJOR: list = []  # [weak reference to the data's base tensor, where in it, the copy]
-
-
 def feature_major(x: torch.Tensor) -> torch.Tensor:
     """``x (N, D)`` as a contiguous ``(D, N)`` copy: matrix products over D long rows run 2 to
-    5 times as fast as over N rows of D (a GMM's per-component products). The copy of the last
-    data seen is kept while that data lives and is not changed: an E-step, its M-step and the
-    next step read the same data."""
+    5 times as fast as over N rows of D (a GMM's per-component products). Within a
+    :func:`pyro_em.memo.scope` the copy of the last data seen is kept while that data lives
+    and is not changed: an E-step, its M-step and the next step read the same data."""
     base = x if x._base is None else x._base
     key = (x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, base._version)
-    if _FEATURE_MAJOR and _FEATURE_MAJOR[0]() is base and _FEATURE_MAJOR[1] == key:
-        return _FEATURE_MAJOR[2]
+    store = memo.current()
+    kept = store.get("feature_major") if store is not None else None
+    if kept is not None and kept[0]() is base and kept[1] == key:
+        return kept[2]
     copy = x.T.contiguous()
-    _FEATURE_MAJOR[:] = [weakref.ref(base, lambda _: _FEATURE_MAJOR.clear()), key, copy]
+    if store is not None:
+        def forget(ref: weakref.ref) -> None:  # (the data is gone: free its copy)
+            if store.get("feature_major", (None,))[0] is ref:
+                del store["feature_major"]
+
+        store["feature_major"] = (weakref.ref(base, forget), key, copy)
     return copy
 
 

@@ -160,6 +160,7 @@ class Planner:
         self.fitted_model = map_sites(model)
         self.temperature, self.jit, self.compile, self.subsample = temperature, jit, compile, subsample
         self.plans = PlanCache()
+        self.memo: dict = {}  # what one part of a step keeps for another (pyro_em.memo)
         self.plan: Optional[MStepPlan] = None  # the latest batch's
         self.latest: Optional[PlannedBatch] = None
         self._kept_programs: Dict[tuple, PlannedBatch] = {}  # across a restart, by key

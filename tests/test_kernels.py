@@ -117,17 +117,24 @@ def test_diagonal_normal_and_poisson_kernels_match_torch(family, param_shape, x_
 
 def test_feature_major_copy_follows_the_data():
     """The transposed copy of the data is reused only for the same data, unchanged: a change in
-    place, another tensor, another view of the same storage, and a freed tensor all miss."""
+    place, another tensor, another view of the same storage, and a freed tensor all miss;
+    outside a memo scope nothing is kept."""
+    from pyro_em import memo
+
     x = torch.randn(50, 3)
-    first = kernels.feature_major(x.reshape(-1, 3))
-    assert torch.equal(first, x.T) and kernels.feature_major(x.reshape(-1, 3)) is first
-    x.add_(1.0)
-    assert torch.equal(kernels.feature_major(x), x.T)
-    assert torch.equal(kernels.feature_major(x[10:]), x[10:].T)
-    y = x.clone()
-    assert torch.equal(kernels.feature_major(y), y.T)
-    del y
-    assert not kernels._FEATURE_MAJOR  # the copy goes with its data
+    assert kernels.feature_major(x) is not kernels.feature_major(x)
+    store: dict = {}
+    with memo.scope(store):
+        first = kernels.feature_major(x.reshape(-1, 3))
+        assert torch.equal(first, x.T) and kernels.feature_major(x.reshape(-1, 3)) is first
+        x.add_(1.0)
+        assert torch.equal(kernels.feature_major(x), x.T)
+        assert torch.equal(kernels.feature_major(x[10:]), x[10:].T)
+        y = x.clone()
+        assert torch.equal(kernels.feature_major(y), y.T)
+        assert store
+        del y
+        assert not store  # the copy goes with its data
 
 
 def test_a_mixture_evaluated_after_its_data_changed_in_place():
