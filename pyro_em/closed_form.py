@@ -76,9 +76,9 @@ class MStepPlan:
     batch_free: bool = True
     """Whether the plan holds nothing that varies along a plate (no param indexed by the
     data): it then serves every batch of the same shapes (see :class:`~pyro_em.planner.PlanCache`)."""
-    runs: str = ""
-    """How the latest batch's steps run (its E-step backend and programs), printed last (see
-    :attr:`pyro_em.EM.plan`)."""
+    runs: Optional[Callable[[], str]] = None
+    """How the latest batch's steps run (its E-step backend and programs), in words, printed
+    last (see :attr:`pyro_em.EM.plan`): the planner's ``describe``."""
 
     @property
     def params(self) -> List[str]:
@@ -94,8 +94,9 @@ class MStepPlan:
             lines.append(f"{name}: gradient ({why})")
         for what, sites in self.notes.items():
             lines.extend(f"{phrase}: {what}" for phrase in _grouped_sites([("obs_mask", site) for site in sites]))
-        if self.runs:
-            lines.append(self.runs)
+        runs = self.runs() if self.runs is not None else ""
+        if runs:
+            lines.append(runs)
         return "\n".join(lines)
 
 

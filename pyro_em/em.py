@@ -228,10 +228,7 @@ class EM:
         made at the first :meth:`step` and again when the model's arguments change; its
         printout ends with how the batch's steps run (the E-step backend, and whether its
         programs run as captured graphs or in Python, and why)."""
-        plan = self._planner.plan
-        if plan is not None:
-            plan.runs = self._planner.describe()
-        return plan
+        return self._planner.plan
 
     @property
     def fused_chain(self) -> Optional[FusedChain]:

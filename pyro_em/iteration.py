@@ -6,8 +6,10 @@ see :mod:`pyro_em.distributed`) before each is solved, so the result is the M-st
 concatenated data. A rule that needs a param solved earlier in the same M-step (a scale needs
 its new mean) starts another pass over the batches, whose E-steps again run at
 ``theta_old``. The params without a closed form then maximize ``Q``, a sum of one piece per
-batch (:class:`~pyro_em.gradient.Objective`). One batch (:meth:`EM.step`) keeps its E-step
-between passes; several (:meth:`EM.step_batches`) recompute theirs, so memory holds one batch.
+batch (:class:`~pyro_em.gradient.Objective`). One batch (:meth:`EM.step`,
+:meth:`OnlineEM.step`) keeps its E-step between passes, in one step program; several
+(:meth:`EM.step_batches`) recompute theirs, so memory holds one batch, and so does a captured
+data-parallel step (each pass is a program of its own).
 
 Terms that belong to no batch, the log prior densities of MAP-estimated sites (whose values,
 like params, are shared by all batches), are counted once: with the first batch of rank 0.
@@ -15,7 +17,7 @@ like params, are shared by all batches), are counted once: with the first batch 
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -28,7 +30,7 @@ from .estep import EStep, enum_symbols
 from .gradient import GradientMStep, Objective
 from .hmm import algorithm, hmm_log_prob
 from .map_sites import check_map_bounded
-from .planner import PlannedBatch, Planner, rollback_new_params
+from .planner import PlannedBatch, Planner, batch_tensors, rollback_new_params
 
 Batch = Tuple[tuple, Dict[str, Any]]
 Stats = Dict[str, Dict[str, torch.Tensor]]
@@ -56,6 +58,8 @@ class Online:
 
     stats: Stats = field(default_factory=dict)
     step_size: float = 1.0
+    _g: Optional[torch.Tensor] = None  # step_size, as a step program's input
+    _layouts: Dict[tuple, list] = field(default_factory=dict)  # state() -> the running stats after
 
     def blend(self, stats: Stats) -> Stats:
         """Blend one batch's statistics into the running ones, ``(1 - step_size) running +
@@ -68,9 +72,27 @@ class Online:
             if running is None or self.step_size >= 1:
                 self.stats[name] = dict(own)
             else:
-                g = self.step_size
+                g = self.step_size if self._g is None else self._g
                 self.stats[name] = {k: (1 - g) * running[k] + g * s for k, s in own.items()}
         return {name: self.stats[name] for name in stats}
+
+    # A step program takes the running statistics and the step size in and gives the blended
+    # statistics out: state() keys it, inputs() and outputs() flatten, take() reads them back.
+
+    def state(self) -> tuple:
+        return self.step_size >= 1, tuple((name, tuple(sorted(own))) for name, own in self.stats.items())
+
+    def inputs(self, device: torch.device) -> List[torch.Tensor]:
+        self._g = torch.tensor(self.step_size, dtype=torch.float64, device=device)
+        return [self._g, *(self.stats[name][k] for name, keys in self.state()[1] for k in keys)]
+
+    def outputs(self, state: tuple) -> List[torch.Tensor]:
+        self._layouts[state] = layout = self.state()[1]
+        return [self.stats[name][k] for name, keys in layout for k in keys]
+
+    def take(self, state: tuple, out: Sequence[torch.Tensor]) -> None:
+        flat = iter(out)
+        self.stats = {name: {k: next(flat) for k in keys} for name, keys in self._layouts[state]}
 
 
 def run(planner: Planner, settings: Settings, batches: Iterable[Batch], keep: bool, online: Optional[Online] = None,
@@ -171,15 +193,28 @@ class _Iteration:
         planner, plan = self.planner, self.plan
         rest = {name: p for name, p in self.params.items() if name not in plan.closed_form}
         map_rest = any(name.startswith(self.settings.map_prefix + ".") for name in rest)  # (reads the trace)
-        if not self.keep or self.online is not None or distributed.active() or map_rest or not planner.jit:
-            new, log_z = self.closed_form()
+        single = self.keep and not distributed.active()  # one batch: EM.step, OnlineEM.step
+        if not single or map_rest or not planner.jit:
+            new, log_z = self.closed_form(captured=planner.jit and not single)
         else:  # one batch: the closed-form stage may be replayed, the E-step's weights with it
+            online, state = self.online, self.online.state() if self.online is not None else None
+
             def stage():
                 new, log_z = self.closed_form()
                 estep = self._kept[0][3] if rest else None
-                return new, log_z, (estep.weights if estep is not None else {})
+                return new, log_z, (estep.weights if estep is not None else {}), (online.outputs(state) if online else [])
 
-            new, log_z, weights = planner.step_program(self.first, self.settings.key)(self.params, stage)
+            extra = batch_tensors(self.first) if self.first.shared else []  # (else constants of the graph)
+            if online is not None:
+                extra += online.inputs(next(iter(self.params.values())).device)
+            program = planner.step_program(self.first, self.settings.key + (state,))
+            try:
+                new, log_z, weights, more = program(self.params, stage, extra)
+            finally:
+                if online is not None:
+                    online._g = None
+            if online is not None:
+                online.take(state, more)
             if rest:
                 self._kept = [(self.first, None, log_z, EStep(log_z, None, weights, None))]
         loss = float(log_z)
@@ -187,15 +222,16 @@ class _Iteration:
         stalled = self.gradient_m_step(rest) if rest else []
         return -loss, self.rows, stalled
 
-    def closed_form(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def closed_form(self, captured: bool = False) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """The closed-form params' new values, stage by stage over the batches, and the log
         marginal likelihood summed over the batches and processes (a 0-dim tensor). Sets
-        :attr:`rows`, the data points of this process."""
+        :attr:`rows`, the data points of this process.
+
+        :param captured: run each batch's E-step and statistics in each pass as its summary
+            program (:meth:`Planner.summary_program`), else in Python, keeping the E-steps
+            between passes if :attr:`keep`."""
         new: Dict[str, torch.Tensor] = {}
         loss, self._kept, self.rows = None, [], 0
-        # Each batch's share as its captured graph, over batches (a single-batch step keeps one
-        # E-step for all passes, in a graph of its own).
-        captured = self.cache and self.planner.jit and not self.keep
         for passes, names in enumerate(self.first.updates.passes or [[]]):
             again, stats, solvers, error = passes > 0, {}, {}, None
             try:
@@ -237,14 +273,15 @@ class _Iteration:
             return stats, solvers, log_z
 
         program = self.planner.summary_program(pb, (passes, drop, tuple(names), tuple(new)) + self.settings.key)
-        return program([*self.params.values(), *new.values()], run)
+        data = batch_tensors(pb) if pb.shared else []  # (else constants of the graph)
+        return program([*self.params.values(), *new.values(), *data], run)
 
     def gradient_m_step(self, rest: Dict[str, torch.Tensor]) -> List[str]:
         """Maximize ``Q`` over the params without a closed form, one piece per batch."""
         prefix = self.settings.map_prefix
         stalled = self.settings.gradient(Objective(_Pieces(self), list(rest.values())), rest)
         if any(name.startswith(prefix + ".") for name in rest):
-            if self.keep:  # the kept E-step's trace holds the MAP sites' priors
+            if self._kept:  # the kept E-step's trace holds the MAP sites' priors
                 trace = self._kept[0][3].trace
             else:
                 first = next(self.planned(True))
@@ -261,7 +298,7 @@ class _Pieces:
 
     def __iter__(self) -> Iterator[Callable[[], torch.Tensor]]:
         it, planner = self.it, self.it.planner
-        if it.keep:
+        if it._kept:
             for pb, _, _, estep in it._kept:
                 yield lambda q=planner.batch_q(pb), estep=estep: q(estep)
             return

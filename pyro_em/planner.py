@@ -15,7 +15,7 @@ Nothing here runs an iteration: :mod:`pyro_em.iteration` does, from the plans.
 
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pyro
 import pyro.poutine as poutine
@@ -46,6 +46,9 @@ class PlannedBatch:
     q: Optional[BatchQ] = None  # its piece of Q, once the gradient M-step asked for it
     step: Optional[StepProgram] = None  # its closed-form stage, once EM.step ran it
     summaries: Dict[tuple, SummaryProgram] = field(default_factory=dict)  # its share of each pass over batches
+    shared: Optional[tuple] = None
+    """Where it runs another batch's plan (:meth:`PlanCache.shared`), its shapes: its programs
+    are then those of every batch of its shapes, with the data among their inputs."""
 
     @property
     def updates(self) -> MStepPlan:
@@ -135,6 +138,17 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
     return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in kwargs.items())
 
 
+def _shapes(args: tuple, kwargs: dict) -> tuple:
+    """A batch's signature with the full shape of each tensor (a graph's shapes are fixed)."""
+    shapes = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return _signature(args, kwargs) + (shapes,)
+
+
+def batch_tensors(pb: PlannedBatch) -> List[torch.Tensor]:
+    """The tensors among a batch's model arguments."""
+    return [a for a in (*pb.args, *pb.kwargs.values()) if isinstance(a, torch.Tensor)]
+
+
 def args_key(args: tuple, kwargs: dict) -> tuple:
     """The identity (and version) of a batch's arguments, under which its plan is kept."""
     return tuple((id(a), getattr(a, "_version", None)) for a in args + tuple(kwargs.values())) + (tuple(kwargs),)
@@ -160,6 +174,9 @@ class Planner:
         self.fitted_model = map_sites(model)
         self.temperature, self.jit, self.compile, self.subsample = temperature, jit, compile, subsample
         self.plans = PlanCache()
+        # The programs of batches that run another batch's plan, by the batches' shapes.
+        self._shared_summaries: Dict[tuple, Dict[tuple, SummaryProgram]] = {}
+        self._shared_steps: Dict[tuple, StepProgram] = {}
         self.memo: dict = {}  # what one part of a step keeps for another (pyro_em.memo)
         self.plan: Optional[MStepPlan] = None  # the latest batch's
         self.latest: Optional[PlannedBatch] = None
@@ -210,7 +227,10 @@ class Planner:
         planned = self.plans.get(key, arguments)
         shared = self.plans.shared(args, kwargs) if planned is None else None
         if shared is not None:  # another batch's plan, tied to nothing in its data
-            planned = PlannedBatch(args, kwargs, shared, None)
+            planned = PlannedBatch(args, kwargs, shared, None, shared=_shapes(args, kwargs))
+            # (its programs take the data as inputs: they serve a DataLoader's new tensors)
+            planned.summaries = self._shared_summaries.setdefault(planned.shared, {})
+            planned.step = self._shared_steps.get(planned.shared)
             self.plans.put(key if cache else None, planned)
         elif planned is None:
             planned = self._plan(args, kwargs, arguments)
@@ -223,6 +243,7 @@ class Planner:
                         held.program.recheck()
             self.plans.put(key if cache else None, planned)
         self.plan, self.latest = planned.plan, planned
+        planned.plan.runs = self.describe
         return planned
 
     def _plan(self, args: tuple, kwargs: dict, arguments: list) -> PlannedBatch:
@@ -255,12 +276,14 @@ class Planner:
             # (its E-step weights go to the gradient M-step's Q, under autograd, if any param takes it)
             pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, after=after,
                                                inference=not pb.plan.gradient))
+            if pb.shared is not None:
+                self._shared_steps[pb.shared] = pb.step
         return pb.step
 
     def summary_program(self, pb: PlannedBatch, key: tuple) -> SummaryProgram:
         """The batch's E-step and statistics in one pass over batches (``key``: the pass, the
         params it summarizes, and the settings it reads)."""
-        key = key + (self.temperature,)
+        key = key + (self.temperature, tuple(pb.plan.params))
         if key not in pb.summaries:
             after = CAPTURE_AFTER if pb.chain is not None else _program.CAPTURE_TRACED_AFTER
             pb.summaries[key] = SummaryProgram(Program(self.compile, finite=False, enabled=self.jit, after=after))
@@ -280,6 +303,8 @@ class Planner:
         their programs, which take the params as inputs, for the same batches planned alike."""
         self._kept_programs = {key: pb for key, pb in self.plans.entries().items() if pb.step or pb.q or pb.summaries}
         self.plans.clear()
+        for held in [*self._shared_steps.values(), *(p for ps in self._shared_summaries.values() for p in ps.values())]:
+            held.program.recheck()
 
     def check_structure_kept(self, args: tuple, kwargs: dict) -> None:
         """Run the model once more and raise if its sites, shapes or plates differ from those
@@ -308,8 +333,13 @@ class Planner:
         lines = [f"E-step: {pb.backend}"]
         if pb.step is not None:
             lines.append(f"closed-form stage: {pb.step.program.status}")
-        elif self.jit:
+        elif self.jit and not pb.summaries:
             lines.append("closed-form stage: Python (not captured yet)")
+        passes: Dict[int, List[str]] = {}
+        for key, held in pb.summaries.items():  # (key[0]: the pass)
+            passes.setdefault(key[0], []).append(held.program.status)
+        for number, statuses in sorted(passes.items()):
+            lines.append(f"pass {number + 1} over batches, each batch: {', '.join(dict.fromkeys(statuses))}")
         if pb.q is not None:
             lines.append(f"Q for the gradient M-step: {pb.q.program.status}")
         return "\n".join(lines)

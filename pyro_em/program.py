@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 from pyro.poutine.trace_struct import Trace
 
+from . import memo
 from .estep import EStep, expected_log_joint
 
 Tensors = Tuple[torch.Tensor, ...]
@@ -248,7 +249,7 @@ def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors], compile:
     results: List[Tensors] = []
 
     def traced(*tracked):
-        with _Guards(tracked) as g:
+        with _Guards(tracked) as g, memo.scope({}):  # (nothing computed before is a constant)
             out = fn()
         guards.append(g)
         results.append(tuple(out))
@@ -442,8 +443,10 @@ class BatchQ:
 
 class StepProgram:
     """The closed-form stage of an EM step on one batch (E-step, statistics, solves), from a
-    captured graph once there is one: the params' unconstrained values in, their new
-    (constrained) values, the log marginal likelihood and the E-step's weights out.
+    captured graph once there is one: the params' unconstrained values and ``extra`` inputs in
+    (a batch's data where the graph serves every batch of its shapes, stepwise EM's running
+    statistics), the params' new (constrained) values, the log marginal likelihood, the
+    E-step's weights and ``extra`` outputs (the new running statistics) out.
 
     :param key: settings the stage reads besides its inputs (``reg_covar``, ``temperature``,
         the forward-backward algorithm): a change captures it again.
@@ -453,22 +456,23 @@ class StepProgram:
     def __init__(self, key: tuple, program: Program):
         self.key, self.program, self._names = key, program, None
 
-    def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, torch.Tensor]]]):
-        """``stage()``'s ``(new values, log Z, E-step weights)`` (the weights as packed
-        tensors, for the gradient M-step's ``Q``; none for a fused chain)."""
+    def __call__(self, params: Dict[str, torch.Tensor], stage: Callable[[], tuple], extra: Sequence[torch.Tensor] = ()):
+        """``stage()``'s ``(new values, log Z, E-step weights, extra outputs)`` (the weights as
+        packed tensors, for the gradient M-step's ``Q``; none for a fused chain)."""
         def eager() -> Tensors:
-            new, log_z, weights = stage()
+            new, log_z, weights, more = stage()
             if self._names is None:
                 self._names = list(new), {name: w._pyro_dims for name, w in weights.items()}
-            return (*[new[name] for name in self._names[0]], log_z, *[weights[name] for name in self._names[1]])
+            return (*[new[name] for name in self._names[0]], log_z, *[weights[name] for name in self._names[1]], *more)
 
         with torch.no_grad():
-            out = self.program(list(params.values()), eager)
+            out = self.program([*params.values(), *extra], eager)
         names, dims = self._names
-        weights = dict(zip(dims, out[len(names) + 1:]))
+        n = len(names) + 1 + len(dims)
+        weights = dict(zip(dims, out[len(names) + 1:n]))
         for name, w in weights.items():
             w._pyro_dims = dims[name]
-        return dict(zip(names, out[:len(names)])), out[len(names)], weights
+        return dict(zip(names, out[:len(names)])), out[len(names)], weights, out[n:]
 
 
 class SummaryProgram:

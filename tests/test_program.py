@@ -304,6 +304,20 @@ def test_compiled_graphs_give_the_same_fit():
     assert pyro.param("templates").dtype == torch.float32
 
 
+def test_a_capture_reads_nothing_kept_before_it():
+    """What a step kept for its later parts (pyro_em.memo: the data's feature-major copy) is
+    not read by a capture: a graph whose data is an input would hold it as a constant."""
+    from pyro_em import kernels, memo
+
+    x, other = torch.randn(6, 2), torch.randn(6, 2)
+    captured = program.Program(False, after=0)
+    with memo.scope({}):
+        kernels.feature_major(x)  # (kept)
+        assert captured([x], lambda: (kernels.feature_major(x) * 2,))[0].equal(x.T * 2)
+    assert captured.state == "captured"
+    assert captured([other], lambda: (kernels.feature_major(other) * 2,))[0].equal(other.T * 2)
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="compile must be"):
         EM(lambda: None, compile="fast")
@@ -336,7 +350,42 @@ def test_steps_over_batches_run_captured_summaries(which, monkeypatch):
     held = [p.program.state for pb in em._planner.plans.entries().values() for p in pb.summaries.values()]
     assert held and set(held) == {"captured"}
     assert len({key[0] for pb in em._planner.plans.entries().values() for key in pb.summaries}) == (2 if which == "gmm" else 1)
+    assert str(em.plan).splitlines()[-1].startswith(f"pass {2 if which == 'gmm' else 1} over batches, each batch: captured graph (")
 
+
+
+@pytest.mark.parametrize("how", ["fresh batches", "online"])
+def test_new_tensors_each_step_run_graphs_shared_by_their_shapes(how, monkeypatch):
+    """A DataLoader's batches (new tensors at every pass) and OnlineEM's steps: the batches
+    that run another batch's plan share their graphs by shapes, with the data among the
+    graph's inputs (and OnlineEM's running statistics and step size), so every batch's E-step
+    and statistics (OnlineEM: its whole step) run captured, with the iterates of jit=False (a
+    batch's data baked into a graph would give another batch's)."""
+    from test_batches import _FreshBatches
+
+    from pyro_em import OnlineEM
+
+    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
+    model, X = gmm("full")
+    runs = {}
+    for jit in (False, True):
+        pyro.clear_param_store()
+        if how == "online":
+            em = OnlineEM(model, jit=jit, decay=0.7)
+            steps = [em.step_batches(_FreshBatches(X.roll(50 * k, 0), size=len(X) // 4)) for k in range(4)]
+        else:
+            em = EM(model, jit=jit)
+            steps = [em.step_batches(_FreshBatches(X, size=len(X) // 4)) for _ in range(5)]
+        runs[jit] = steps, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-10, atol=1e-12)
+    if how == "online":
+        (step,) = em._planner._shared_steps.values()  # (one shape of batch)
+        assert step.program.state == "captured"
+    else:
+        (shared,) = em._planner._shared_summaries.values()
+        assert shared and {p.program.state for p in shared.values()} == {"captured"}
 
 
 def test_restarts_keep_their_graphs(monkeypatch):
