@@ -33,6 +33,17 @@ def test_small_problems_benchmark_runs_and_both_reach_the_same_optimum():
         assert peer == ours  # the same log-likelihood to 4 decimals
 
 
+@pytest.mark.slow
+def test_streaming_benchmark_runs_with_the_losses_of_python():
+    """(The script asserts that the step programs' losses equal the model's Python's.)"""
+    proc = subprocess.run([sys.executable, "bench_streaming.py", "--n", "2000", "--batch", "200", "--epochs", "3"],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("fit_batches", "OnlineEM"))]
+    assert [r[0] for r in rows] == ["fit_batches", "OnlineEM"]
+    assert rows[1][-1] == "captured"  # (OnlineEM: one program, captured within three epochs)
+
+
 def test_a_script_writes_its_table_into_the_docs(tmp_path, capsys):
     """``--docs``: what a script prints becomes its block of the performance page, added the
     first time and replaced the next, with the command, the day and the machine."""
