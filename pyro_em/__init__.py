@@ -2,6 +2,7 @@
 
 from .closed_form import MStepPlan
 from .em import EM
+from .information import Covariance
 from .loop import ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
@@ -13,6 +14,7 @@ from . import init  # noqa: F401 (pyro_em.init, the starting-point helpers)
 __all__ = [
     "EM",
     "EMResult",
+    "Covariance",
     "OnlineEM",
     "ConvergenceWarning",
     "CollapseWarning",

@@ -22,7 +22,8 @@ from .gradient import GradientMStep
 from .hmm import ALGORITHMS
 from .map_sites import MapMessenger
 from .loop import EMResult, MStepWarning, fit_loop
-from .planner import Planner, rows
+from .information import Covariance, observed_covariance
+from .planner import Planner, rollback_new_params, rows
 from . import iteration, restarts, selection
 from .posterior import site_marginals
 
@@ -495,6 +496,51 @@ class EM:
             states = em.decode(data)["z"]      # (N,) most likely component of each datum
         """
         return selection.decode(self._e_step_at(0, args, kwargs), self.max_plate_nesting)
+
+    @_accepts_numpy
+    def covariance(self, *args: Any, **kwargs: Any) -> Covariance:
+        """The asymptotic covariance of the fitted params, the inverse of the observed
+        information (minus the Hessian of the log marginal likelihood, plus the log prior of
+        MAP sites) at the current params, by autograd through the exact E-step (see
+        :mod:`pyro_em.information`: free coordinates of each constraint, entries on a boundary
+        held fixed). Meaningful at a maximum (fit to convergence first), with enough data for
+        the likelihood to be near-quadratic there; in a mixture the labels are arbitrary, so
+        read each component's errors with its own label. Costs one reverse pass of the E-step
+        per free coordinate.
+
+        :returns: a :class:`~pyro_em.information.Covariance` over every entry of every param.
+        :raises ValueError: naming the params if the information is singular (an
+            unidentified model) or not positive definite (not a maximum), or a param's
+            constraint has no free parametrization.
+
+        Example::
+
+            em.fit(data)
+            cov = em.covariance(data)
+            cov.block("locs")  # (K, D, K, D)
+        """
+        store = pyro.get_param_store()
+        with rollback_new_params():
+            names = [n for n, site in self._e_step_at(1, args, kwargs).trace.nodes.items() if site["type"] == "param"]
+            first_dim = self._planner.first_available_dim(args, kwargs)
+            values = {name: store[name].detach() for name in names}
+            return observed_covariance(self._planner.fitted_model, args, kwargs, first_dim, values,
+                                       {name: store._constraints[name] for name in names})
+
+    @_accepts_numpy
+    def standard_errors(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
+        """Each fitted param's standard errors, of its shape: the square roots of the diagonal
+        of :meth:`covariance` (0 for entries held fixed on a boundary).
+
+        :raises ValueError: as :meth:`covariance`.
+
+        Example::
+
+            em.fit(data)
+            se = em.standard_errors(data)
+            print(pyro.param("locs"), "+-", 1.96 * se["locs"])
+        """
+        return self.covariance(*args, **kwargs).standard_errors()
 
     def _e_step_at(self, temperature: int, args: tuple, kwargs: dict) -> EStep:
         """The E-step at ``temperature`` (whatever :attr:`temperature` the fit uses); params it
