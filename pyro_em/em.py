@@ -22,6 +22,7 @@ from .gradient import GradientMStep
 from .hmm import ALGORITHMS
 from .map_sites import MapMessenger
 from .loop import EMResult, MStepWarning, fit_loop
+from .squarem import Squarem
 from .information import Covariance, observed_covariance
 from .planner import Planner, rollback_new_params, rows
 from . import iteration, restarts, selection
@@ -127,6 +128,13 @@ class EM:
         ``DiscreteHMM`` sites: ``None`` (the default) to choose per call
         (:func:`pyro_em.hmm.choose_algorithm`), or ``"sequential"``, ``"blocked"`` or
         ``"parallel"``.
+    :param accelerate: ``None`` (the default): :meth:`fit` and :meth:`fit_batches` take plain
+        EM steps. ``"squarem"``: each of their iterations is a SQUAREM cycle (Varadhan and
+        Roland 2008, :mod:`pyro_em.squarem`): two EM steps, an extrapolation along them in the
+        params' unconstrained coordinates, and a stabilizing EM step, falling back to plain EM
+        where the extrapolated point's loss is worse. On fits that crawl (overlapping
+        components, a flat ridge) it reaches the optimum in a fraction of plain EM's E-steps
+        (:attr:`EMResult.n_e_steps`); each cycle's loss is never above the previous one.
     :raises TypeError: if a guide is passed (``EM(model, guide)``, ``EM(model, guide=g)``,
         ``EM(AutoDelta(model))``): EM needs the model alone; or an unknown keyword argument.
     :raises ValueError: if an option is out of range.
@@ -175,6 +183,7 @@ class EM:
         jit: bool = True,
         compile: Union[bool, str] = False,
         hmm_algorithm: Optional[str] = None,
+        accelerate: Optional[str] = None,
         **unknown: Any,
     ):
         if "guide" in unknown:
@@ -206,7 +215,11 @@ class EM:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}.")
         if hmm_algorithm is not None and hmm_algorithm not in ALGORITHMS:
             raise ValueError(f"hmm_algorithm must be None or one of {ALGORITHMS}, got {hmm_algorithm!r}.")
+        if accelerate not in (None, "squarem"):
+            raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}.")
         self.model = model
+        self.accelerate = accelerate
+        self._e_steps = 0  # (EM iterations run, for EMResult.n_e_steps)
         self.reg_covar = float(reg_covar)
         self.hmm_algorithm = hmm_algorithm
         self.m_step = m_step
@@ -312,6 +325,7 @@ class EM:
         return self._step_batches(batches)[0]
 
     def _run(self, batches: Iterable, keep: bool, cache: bool = True) -> Tuple[float, int]:
+        self._e_steps += 1
         settings = iteration.Settings(self.reg_covar, self._gradient_m_step, self.map_prefix, self.hmm_algorithm)
         loss, rows, self.stalled = iteration.run(self._planner, settings, batches, keep, self._online, cache)
         if self.stalled:
@@ -421,8 +435,13 @@ class EM:
 
     def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
         monotone = self._gradient_m_step.optim is None and self._online is None  # (exact EM)
-        return fit_loop(step, max_iter, tol, progress, callback, type(self).__name__,
-                        self._round_off if monotone else None, lambda: self.stalled)
+        if self.accelerate == "squarem":
+            step = Squarem(step, lambda: self.plan.params)
+        start = self._e_steps
+        result = fit_loop(step, max_iter, tol, progress, callback, type(self).__name__,
+                          self._round_off if monotone else None, lambda: self.stalled)
+        result.n_e_steps = self._e_steps - start
+        return result
 
     def _round_off(self) -> float:
         """The relative change of the loss that round-off can make, in the params' precision."""

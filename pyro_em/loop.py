@@ -38,6 +38,9 @@ class EMResult:
     """With restarts, the final loss of every run (``inf`` for a run that failed)."""
     best_run: Optional[int] = None
     """With restarts, the index of the run kept in the param store."""
+    n_e_steps: int = 0
+    """The E-steps (passes over the data, each with its M-step) the fit ran: ``n_iter`` for
+    plain EM; with ``accelerate="squarem"``, three or four per iteration (a SQUAREM cycle)."""
 
     @property
     def n_iter(self) -> int:

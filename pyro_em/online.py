@@ -49,6 +49,9 @@ class OnlineEM(EM):
     _subsample = True
 
     def __init__(self, model: Callable, *guide: Callable, decay: float = 0.6, **kwargs: Any):
+        if kwargs.get("accelerate") is not None:
+            raise ValueError("OnlineEM takes no accelerate: its steps follow running statistics, "
+                             "not a fixed-point map to extrapolate; use EM(model, accelerate='squarem').")
         super().__init__(model, *guide, **kwargs)
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.5 < decay <= 1:
             raise ValueError(f"decay must be a number in (0.5, 1], got {decay!r}.")
