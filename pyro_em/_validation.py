@@ -45,9 +45,10 @@ def check_enumerated_trace(trace: Trace, subsample: bool = False) -> None:
                 and not bool(torch.isfinite(value).all())
             ):
                 raise ValueError(
-                    f"Observed site '{name}' has NaN or inf values. Replace missing entries by "
-                    "any finite placeholder and hide them with poutine.mask(mask=...) or the "
-                    "site's obs_mask argument."
+                    f"Observed site '{name}' has NaN or inf values. If NaN marks missing entries, "
+                    "fit with EM(model, nan_policy='omit'), which integrates them out (Normal, "
+                    "MultivariateNormal and other elementwise families); or replace them by a "
+                    "finite placeholder and hide them with poutine.mask(mask=...) or obs_mask."
                 )
             continue
         if "_enumerate_dim" in site["infer"]:

@@ -35,6 +35,7 @@ import torch.distributions as td
 from pyro.poutine.trace_struct import Trace
 
 from ._validation import MAP_FLAG
+from .missing import MissingMultivariateNormal
 from .closed_form import MStepPlan, Use, components, distribution_args, solve_passes, unwrap
 from .estep import enum_symbols, packed_scale
 from .hmm import JointEmission
@@ -290,7 +291,7 @@ def _emission(tracked: Trace, scored: Trace, plan: MStepPlan, names: List[str], 
         while isinstance(fn, (td.Independent, dist.torch_distribution.ExpandedDistribution)):
             event += getattr(fn, "reinterpreted_batch_ndims", 0)
             fn = fn.base_dist
-        if isinstance(fn, (dist.MaskedDistribution, td.OneHotCategorical)):
+        if isinstance(fn, (dist.MaskedDistribution, td.OneHotCategorical, MissingMultivariateNormal)):
             return None
         # The emission's own plates count as event dims, to the left of the reinterpreted ones.
         enum_dim = scored.nodes[states[t]]["infer"]["_enumerate_dim"] + len(inner)

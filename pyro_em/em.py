@@ -23,6 +23,7 @@ from .hmm import ALGORITHMS
 from .map_sites import MapMessenger
 from .loop import EMResult, MStepWarning, fit_loop
 from .squarem import Squarem
+from .missing import OmitNaN
 from .information import Covariance, observed_covariance
 from .planner import Planner, rollback_new_params, rows
 from . import iteration, restarts, selection
@@ -135,6 +136,13 @@ class EM:
         where the extrapolated point's loss is worse. On fits that crawl (overlapping
         components, a flat ridge) it reaches the optimum in a fraction of plain EM's E-steps
         (:attr:`EMResult.n_e_steps`); each cycle's loss is never above the previous one.
+    :param nan_policy: what NaN entries of an observed site mean. ``"raise"`` (the default):
+        an error naming the site. ``"omit"`` (scipy's name): they are missing at random and
+        integrated out exactly (:mod:`pyro_em.missing`): an entry of an elementwise family
+        (``Normal``, ``Poisson``, ... under any plates and ``to_event``) drops out; a
+        ``MultivariateNormal`` row is scored by its observed coordinates' marginal, and its
+        closed-form M-step uses the missing coordinates' conditional moments; NaN entries of
+        any other family are an error naming the site.
     :raises TypeError: if a guide is passed (``EM(model, guide)``, ``EM(model, guide=g)``,
         ``EM(AutoDelta(model))``): EM needs the model alone; or an unknown keyword argument.
     :raises ValueError: if an option is out of range.
@@ -184,6 +192,7 @@ class EM:
         compile: Union[bool, str] = False,
         hmm_algorithm: Optional[str] = None,
         accelerate: Optional[str] = None,
+        nan_policy: str = "raise",
         **unknown: Any,
     ):
         if "guide" in unknown:
@@ -224,7 +233,11 @@ class EM:
         self.hmm_algorithm = hmm_algorithm
         self.m_step = m_step
         self.map_prefix = map_prefix
-        self._planner = Planner(model, MapMessenger(init_loc_fn, map_prefix, map_space), m_step, max_plate_nesting,
+        if nan_policy not in ("raise", "omit"):
+            raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}.")
+        self.nan_policy = nan_policy
+        fitted = OmitNaN()(model) if nan_policy == "omit" else model
+        self._planner = Planner(fitted, MapMessenger(init_loc_fn, map_prefix, map_space), m_step, max_plate_nesting,
                                 temperature, jit, compile, self._subsample)
         self.fitted_model = self._planner.fitted_model
         """``model`` with MAP-estimated sites fixed to their values in the param store: a

@@ -22,6 +22,7 @@ from torch.distributions import constraints
 from pyro.distributions import DiscreteHMM
 
 from .kernels import feature_major
+from .missing import MissingMultivariateNormal
 from .tracking import broadcast_shapes, compact
 
 Stats = Dict[str, torch.Tensor]
@@ -615,7 +616,10 @@ class MultivariateNormalLocRule(Rule):
 
     def summarize(self, ctx):
         w = ctx.weight.unsqueeze(-1)
-        return {"wx": ctx.pool(w, ctx.value), "w": ctx.pool(w)}
+        value = ctx.value
+        if isinstance(ctx.fn, MissingMultivariateNormal):  # (missing coordinates at their expectations)
+            value = ctx.fn.conditional(value)[0]
+        return {"wx": ctx.pool(w, value), "w": ctx.pool(w)}
 
     solve = NormalLocRule.solve
 
@@ -643,6 +647,9 @@ class _CovarianceRule(Rule):
     def summarize(self, ctx):
         D = ctx.ids.shape[-1]
         loc, value, weight = ctx.current("loc"), ctx.value, ctx.weight
+        blocks = []
+        if isinstance(ctx.fn, MissingMultivariateNormal):  # (missing coordinates at their expectations)
+            value, blocks = ctx.fn.conditional(value)
         batch = broadcast_shapes(weight.shape, loc.shape[:-1], value.shape[:-1], ctx.ids.shape[:-2])
         slot = ctx.ids[..., 0, 0] // (D * D)
         slot = slot.reshape((1,) * (len(batch) - slot.dim()) + slot.shape)
@@ -651,7 +658,7 @@ class _CovarianceRule(Rule):
         g = math.prod(batch[i] for i in groups)
         n = len(batch)
         loc_b, value_b = [(1,) * (n - t.dim() + 1) + tuple(t.shape[:-1]) for t in (loc, value)]
-        if g <= 1024 and all(loc_b[i] == 1 for i in pooled) and all(value_b[i] == 1 for i in groups):
+        if not blocks and g <= 1024 and all(loc_b[i] == 1 for i in pooled) and all(value_b[i] == 1 for i in groups):
             # Each slot's mean is one vector and the data the same for all slots (a mixture):
             # one slot at a time, as scikit-learn does, never the N x K x D tensor.
             X = value.reshape(value_b + value.shape[-1:]).permute(pooled + groups + [n]).reshape(-1, D)
@@ -672,6 +679,8 @@ class _CovarianceRule(Rule):
         scaled = scaled.permute(groups + pooled + [len(batch)])
         scaled = scaled.reshape(g, -1, D)
         scatter = scaled.mT @ scaled
+        for rows, C in blocks:  # + the conditional covariance of the missing coordinates
+            scatter = scatter + _pooled_block(weight * rows, C, batch, groups, pooled)
         slot = slot.permute(groups + pooled).reshape(-1)  # g slots: pooled dims have size 1
         n_slots = ctx.numel // (D * D)
         S = scatter.new_zeros(n_slots, D, D).index_add_(0, slot, scatter)
@@ -697,6 +706,22 @@ class _CovarianceRule(Rule):
         else:
             new = torch.cholesky_inverse(L)
         return keep_old(old, new, W.reshape(old.shape[:-2]))
+
+
+def _pooled_block(weight: torch.Tensor, C: torch.Tensor, batch: tuple, groups: list, pooled: list) -> torch.Tensor:
+    """``sum w C`` over the pooled dims, arranged ``(slot groups, D, D)`` as the scatter is:
+    ``C`` (one matrix per covariance, the same for all rows of a missingness pattern) times the
+    weights summed over the dims it does not vary along, never a rows x D x D tensor."""
+    n, D = len(batch), C.shape[-1]
+    C = C.reshape((1,) * (n + 2 - C.dim()) + C.shape)
+    w = weight.reshape((1,) * (n - weight.dim()) + weight.shape).expand(batch)
+    flat = [i for i in range(n) if C.shape[i] == 1 and batch[i] > 1]
+    w = w.sum(flat, keepdim=True) if flat else w
+    T = w[..., None, None] * C
+    spread = [i for i in pooled if T.shape[i] > 1]
+    T = T.sum(spread, keepdim=True) if spread else T
+    T = T.expand(tuple(batch[i] if i in groups else 1 for i in range(n)) + (D, D))
+    return T.permute(groups + pooled + [n, n + 1]).reshape(-1, D, D)
 
 
 def _weighted_scatter(Xt: torch.Tensor, mean: torch.Tensor, root_w: torch.Tensor) -> torch.Tensor:
