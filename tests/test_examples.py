@@ -49,6 +49,18 @@ def test_experts(capsys, tmp_path):
     assert float(out.split("test RMSE")[1].split()[0]) < 0.45
 
 
+def test_missing_values(capsys):
+    run("missing_values.py", "--missing", 0.3)
+    out = capsys.readouterr().out
+    assert "converged after" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert len(rows) == 12
+    for row in rows:  # mean (standard error) with holes, and the complete data's mean
+        mean, se, full = float(row[-3]), float(row[-2].strip("()")), float(row[-1])
+        assert 0 < se < 0.2 and abs(mean - full) < 4 * se
+    assert float(out.split("cluster of their species:")[1].split("%")[0]) > 85
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_prints_help_with_a_text_for_every_flag(name):
