@@ -449,7 +449,7 @@ class EM:
     def _fit_loop(self, step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, progress: bool, callback) -> EMResult:
         monotone = self._gradient_m_step.optim is None and self._online is None  # (exact EM)
         if self.accelerate == "squarem":
-            step = Squarem(step, lambda: self.plan.params)
+            step = Squarem(step, lambda: self.plan.params, tol)
         start = self._e_steps
         result = fit_loop(step, max_iter, tol, progress, callback, type(self).__name__,
                           self._round_off if monotone else None, lambda: self.stalled)

@@ -61,7 +61,9 @@ def fit_loop(step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, p
     """Run ``step()`` until the loss stops improving (see :meth:`EM.fit` for the arguments and
     the convergence test), with a progress bar named ``desc``, logging and the warnings.
 
-    :param step: one EM iteration; returns ``(loss, data points)``.
+    :param step: one EM iteration; returns ``(loss, data points)``. A step with a
+        ``converged`` attribute (a SQUAREM cycle, whose EM steps met ``tol`` inside it) that is
+        true ends the fit as converged.
     :param round_off: for exact EM, the relative rise of the loss that round-off can make, in
         the params' precision once planned (a larger rise is reported); ``None`` for steps that
         may raise the loss (generalized, online EM).
@@ -84,7 +86,7 @@ def fit_loop(step: Callable[[], Tuple[float, int]], max_iter: int, tol: float, p
                 bar.start_t = bar._time()
             if round_off is not None and rose is None and i and loss - result.losses[-2] > round_off() * max(1.0, abs(result.losses[-2])):
                 rose = i
-            if change <= tol:
+            if change <= tol or getattr(step, "converged", False):
                 # A stalled M-step changes nothing either: that is no convergence; nor is
                 # the end of a fit whose loss rose (an exact EM step never raises it).
                 result.converged = not stalled() and rose is None

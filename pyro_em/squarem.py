@@ -32,10 +32,14 @@ class Squarem:
 
     :param step: one EM iteration, ``() -> (loss at the params it started from, data points)``.
     :param names: the names of the params the steps update (called after the first step).
+    :param tol: the fit's relative tolerance: a cycle whose two plain EM steps change the
+        loss by at most that much ends there and sets :attr:`converged`, the test plain EM
+        makes (so a fit that is fast already takes no more E-steps); ``0`` never stops a cycle.
     """
 
-    def __init__(self, step: Callable[[], Tuple[float, int]], names: Callable[[], List[str]]):
-        self._step, self._names, self.stepmax = step, names, 1.0
+    def __init__(self, step: Callable[[], Tuple[float, int]], names: Callable[[], List[str]], tol: float = 0.0):
+        self._step, self._names, self.stepmax, self.tol = step, names, 1.0, tol
+        self.converged = False
 
     def __call__(self) -> Tuple[float, int]:
         """One cycle; returns the loss at the params it started from, and the data points."""
@@ -45,6 +49,9 @@ class Squarem:
         names = self._names()
         theta1 = self._values(store, names)
         loss1, _ = self._step()
+        if self._small(loss0, loss1):
+            self.converged = True
+            return loss0, rows
         theta2 = self._values(store, names)
         alpha = self._step_length(theta0, theta1, theta2)
         if alpha > 1.01:  # (else theta' is plain EM's theta2, where the cycle already is)
@@ -63,6 +70,9 @@ class Squarem:
         if alpha == self.stepmax:
             self.stepmax *= 4
         return loss0, rows
+
+    def _small(self, before: float, after: float) -> bool:
+        return self.tol > 0 and abs(before - after) <= self.tol * max(1.0, abs(before))
 
     @staticmethod
     def _values(store, names: List[str]) -> Dict[str, torch.Tensor]:

@@ -119,3 +119,27 @@ def test_options_are_checked():
 
     with pytest.raises(ValueError, match="OnlineEM takes no accelerate"):
         OnlineEM(poisson_mixture, accelerate="squarem")
+
+
+def test_gradient_m_steps_batches_and_restarts_accelerate_too():
+    """A mixture of regressions (slopes and intercepts by the gradient M-step), fitted over
+    batches, and a fit with restarts: SQUAREM ends no higher than plain EM, in no more E-steps
+    (plain EM is quick here: 16)."""
+    from test_batches import regression_data, regression_mixture
+
+    torch.manual_seed(0)
+    t, x = regression_data(600)
+    batches = [(t[i:i + 200], x[i:i + 200]) for i in range(0, 600, 200)]
+    runs = {}
+    for accelerate in (None, "squarem"):
+        pyro.clear_param_store()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            runs[accelerate] = EM(regression_mixture, accelerate=accelerate).fit_batches(batches, tol=1e-10, max_iter=500)
+    assert runs["squarem"].loss <= runs[None].loss + 1e-8 * abs(runs[None].loss)
+    assert runs["squarem"].n_e_steps <= runs[None].n_e_steps
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    result = EM(poisson_mixture, accelerate="squarem").fit(
+        torch.repeat_interleave(torch.arange(10.0), FREQ), n_init=3, tol=1e-10, max_iter=300)
+    assert len(result.run_losses) == 3 and result.n_e_steps >= 2 * result.n_iter
