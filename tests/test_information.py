@@ -10,14 +10,6 @@ from torch.distributions import constraints
 from pyro_em import EM
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 def linkage(cells):
     """Dempster, Laird and Rubin's (1977) genetic linkage example: 197 animals in 4 cells with
     probabilities (1/2 + t/4, (1 - t)/4, (1 - t)/4, t/4); EM splits the first cell into its
@@ -99,25 +91,9 @@ def test_hmm_information_against_finite_differences():
     have structural zeros (a cycle): the observed information equals central second
     differences of EM's own log likelihood along the free coordinates, and the zeros are
     held fixed (standard error 0)."""
-    g = torch.Generator().manual_seed(0)
-    S, T = 10, 60
     trans0 = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.7, 0.3], [0.25, 0.0, 0.75]])
     emit0 = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
-    z, X = torch.zeros(S, dtype=torch.long), torch.zeros(S, T, dtype=torch.long)
-    for t in range(T):
-        z = torch.multinomial(trans0[z], 1, generator=g).squeeze(-1) if t else z
-        X[:, t] = torch.multinomial(emit0[z], 1, generator=g).squeeze(-1)
-
-    def model(X):
-        trans = pyro.param("trans", torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.6, 0.4], [0.4, 0.0, 0.6]]),
-                           constraint=constraints.simplex)
-        emit = pyro.param("emit", torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5]]),
-                          constraint=constraints.simplex)
-        with pyro.plate("seqs", S):
-            z = 0
-            for t in pyro.markov(range(T)):
-                z = pyro.sample(f"z_{t}", dist.Categorical(trans[z]))
-                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+    model, X = categorical_hmm(trans0, emit0, torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.6, 0.4], [0.4, 0.0, 0.6]]), 10, 60)
 
     em = EM(model)
     em.fit(X, tol=1e-13, max_iter=3000)
@@ -163,6 +139,30 @@ def test_hmm_information_against_finite_differences():
     se = em.standard_errors(X)
     zero = trans0 == 0
     assert bool((se["trans"][zero] == 0).all()) and bool((se["trans"][~zero] > 0).all())
+
+
+def categorical_hmm(trans0, emit0, trans_init, S, T, seed=0):
+    """A pyro.markov categorical HMM (its first state drawn from ``trans[0]``) and ``S``
+    sequences of ``T`` symbols simulated from ``trans0`` and ``emit0``; the fit starts from
+    ``trans_init`` (its zeros are structural) and emissions near uniform."""
+    g = torch.Generator().manual_seed(seed)
+    K, M = emit0.shape
+    z, X = torch.zeros(S, dtype=torch.long), torch.zeros(S, T, dtype=torch.long)
+    for t in range(T):
+        z = torch.multinomial(trans0[z], 1, generator=g).squeeze(-1) if t else z
+        X[:, t] = torch.multinomial(emit0[z], 1, generator=g).squeeze(-1)
+    emit_init = (1 + torch.eye(K, M)) / (M + 1)
+
+    def model(X):
+        trans = pyro.param("trans", trans_init.clone(), constraint=constraints.simplex)
+        emit = pyro.param("emit", emit_init, constraint=constraints.simplex)
+        with pyro.plate("seqs", S):
+            z = 0
+            for t in pyro.markov(range(T)):
+                z = pyro.sample(f"z_{t}", dist.Categorical(trans[z]))
+                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
+
+    return model, X
 
 
 def test_unidentified_params_are_named():

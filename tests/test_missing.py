@@ -11,14 +11,6 @@ from torch.distributions import constraints
 from pyro_em import EM
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 def data_with_holes(N, D, K=1, rate=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
     A = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [-0.3, 0.4, 0.7]])[:D, :D]

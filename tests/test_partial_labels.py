@@ -10,14 +10,6 @@ from torch.distributions import constraints
 from pyro_em import EM
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 @pyro.infer.config_enumerate
 def model(x, labels, known):
     w = pyro.param("w", torch.ones(3) / 3, constraint=constraints.simplex)

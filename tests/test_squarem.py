@@ -16,14 +16,6 @@ from pyro_em import EM, ConvergenceWarning
 FREQ = torch.tensor([162, 267, 271, 185, 111, 61, 27, 8, 3, 1])
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 @pyro.infer.config_enumerate
 def poisson_mixture(y):
     w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=constraints.simplex)
@@ -81,26 +73,11 @@ def test_structural_zeros_and_constraints_hold_under_extrapolation():
     """An HMM with a structural zero in its transitions (an unconstrained -inf): extrapolated
     points keep it at exactly 0 and every row on the simplex; the accelerated fit ends at a
     loss no higher than plain EM's, in fewer E-steps."""
-    g = torch.Generator().manual_seed(0)
-    S, T = 8, 80
+    from test_information import categorical_hmm
+
     trans0 = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.1, 0.0, 0.9]])
     emit0 = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.3, 0.2, 0.5]])
-    z, X = torch.zeros(S, dtype=torch.long), torch.zeros(S, T, dtype=torch.long)
-    for t in range(T):
-        z = torch.multinomial(trans0[z], 1, generator=g).squeeze(-1) if t else z
-        X[:, t] = torch.multinomial(emit0[z], 1, generator=g).squeeze(-1)
-
-    def model(X):
-        trans = pyro.param("trans", torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]]),
-                           constraint=constraints.simplex)
-        emit = pyro.param("emit", torch.tensor([[0.4, 0.3, 0.3], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]]),
-                          constraint=constraints.simplex)
-        with pyro.plate("seqs", S):
-            z = 0
-            for t in pyro.markov(range(T)):
-                z = pyro.sample(f"z_{t}", dist.Categorical(trans[z]))
-                pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=X[:, t])
-
+    model, X = categorical_hmm(trans0, emit0, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]]), 8, 80)
     runs = {}
     for accelerate in (None, "squarem"):
         pyro.clear_param_store()
