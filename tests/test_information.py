@@ -86,6 +86,8 @@ def test_gaussian_mixture_against_an_explicit_likelihood():
     torch.testing.assert_close(cov.block("w"), expected[:3, :3])
 
 
+@pytest.mark.slow
+@pytest.mark.jit_only  # (the information runs no EM step)
 def test_hmm_information_against_finite_differences():
     """A 3-state categorical HMM (pyro.markov) on sequences it simulated, whose transitions
     have structural zeros (a cycle): the observed information equals central second

@@ -69,6 +69,7 @@ def test_hasselblad_deaths_reach_the_mle_in_a_few_dozen_e_steps():
     assert abs(float(pyro.param("w").detach()[0]) - float(mle[0])) > 1e-5
 
 
+@pytest.mark.slow
 def test_structural_zeros_and_constraints_hold_under_extrapolation():
     """An HMM with a structural zero in its transitions (an unconstrained -inf): extrapolated
     points keep it at exactly 0 and every row on the simplex; the accelerated fit ends at a
