@@ -2,7 +2,7 @@
 
 from .closed_form import MStepPlan
 from .em import EM
-from .information import Covariance
+from .information import BoundaryWarning, Covariance
 from .loop import ConvergenceWarning, EMResult, MStepWarning
 from .estep import EStep, e_step
 from .map_sites import MapMessenger
@@ -15,6 +15,7 @@ __all__ = [
     "EM",
     "EMResult",
     "Covariance",
+    "BoundaryWarning",
     "OnlineEM",
     "ConvergenceWarning",
     "CollapseWarning",

@@ -11,17 +11,22 @@ twice, which gives the same matrix without deriving either term by hand.
 (constrained) units, where the MLE is an interior point:
 
 * elementwise constraints (``real``, ``positive``, ``interval``, ...): each entry is free,
-  except one on its constraint's boundary (a rate of exactly 0, a probability of 0 or 1), which
-  is held fixed;
-* ``simplex``: a row of K entries has K - 1 free coordinates, the nonzero entries but the last,
-  which is one minus their sum; zero entries (structural zeros) are held fixed;
+  except one on its constraint's boundary (a rate of 0, a probability of 0 or 1, to within
+  :data:`BOUNDARY`), which is held fixed;
+* ``simplex``: a row of K entries has K - 1 free coordinates, the entries above
+  :data:`BOUNDARY` but the last, which is one minus their sum; the others (structural zeros,
+  and probabilities EM drove towards 0) are held fixed;
 * ``lower_cholesky``: the lower triangle; ``positive_definite``: the lower triangle, mirrored.
 
 The covariance of the free coordinates maps back to every entry of every param by the same
 linear map (the delta method, exact for linear maps): the entry a simplex row leaves dependent
-gets its variance, an entry held fixed gets 0.
+gets its variance, an entry held fixed gets 0. A maximum on the boundary is not a stationary
+point, so its Hessian says nothing; EM approaches one gradually (a probability of 1e-8 after a
+long fit), so entries that close to a bound are held fixed too, with a :class:`BoundaryWarning`
+(exact zeros, structural, are held fixed silently).
 """
 
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import pyro.poutine as poutine
@@ -58,6 +63,25 @@ class Covariance(NamedTuple):
         return {name: sd[rows].reshape(shape) for name, (rows, shape) in self.params.items()}
 
 
+#: How near its constraint's boundary an entry counts as on it (absolute, or relative to a
+#: bound larger than 1): EM approaches a maximum on the boundary only gradually.
+BOUNDARY = 1e-6
+
+
+def on_boundary(value: torch.Tensor, constraint) -> torch.Tensor:
+    """Which entries of a param lie within :data:`BOUNDARY` of its constraint's boundary (a
+    simplex entry near 0, an entry near an interval's end); they are held fixed."""
+    c = base_constraint(constraint)
+    value = value.detach()
+    if c is constraints.simplex:
+        return value <= BOUNDARY
+    near = torch.zeros_like(value, dtype=torch.bool)
+    for bound in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)):
+        if bound is not None:
+            near |= (value - bound).abs() <= BOUNDARY * max(1.0, abs(float(bound)))
+    return near
+
+
 def free_coordinates(name: str, value: torch.Tensor, constraint) -> torch.Tensor:
     """The linear map ``A`` (``(value.numel(), p)``) from ``p`` free coordinates to the param's
     entries, ``value + A phi``, that keeps ``value`` in its constraint's support near ``phi = 0``
@@ -68,6 +92,7 @@ def free_coordinates(name: str, value: torch.Tensor, constraint) -> torch.Tensor
     c = base_constraint(constraint)
     flat = value.detach().reshape(-1)
     n = flat.numel()
+    fixed = on_boundary(value, constraint).reshape(-1).tolist()
     columns: List[torch.Tensor] = []
 
     def column(entries: Dict[int, float]) -> None:
@@ -79,7 +104,7 @@ def free_coordinates(name: str, value: torch.Tensor, constraint) -> torch.Tensor
     if c is constraints.simplex:
         K = value.shape[-1]
         for row, entries in enumerate(value.detach().reshape(-1, K).tolist()):
-            free = [row * K + k for k, p in enumerate(entries) if p > 0]
+            free = [row * K + k for k in range(K) if not fixed[row * K + k]]
             for i in free[:-1]:  # (the last nonzero entry is one minus the others)
                 column({i: 1.0, free[-1]: -1.0})
     elif c in (constraints.lower_cholesky, constraints.positive_definite):
@@ -93,10 +118,9 @@ def free_coordinates(name: str, value: torch.Tensor, constraint) -> torch.Tensor
     elif c is constraints.real or isinstance(c, (constraints.interval, constraints.greater_than,
                                                  constraints.greater_than_eq, constraints.less_than,
                                                  type(constraints.half_open_interval(0.0, 1.0)))):
-        low, high = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
-        for i, v in enumerate(flat.tolist()):
-            if (low is None or v != float(low)) and (high is None or v != float(high)):
-                column({i: 1.0})  # (an entry on a bound is held fixed)
+        for i in range(n):
+            if not fixed[i]:
+                column({i: 1.0})
     else:
         raise ValueError(
             f"Standard errors of param '{name}' are not available: its constraint {constraint} "
@@ -118,6 +142,16 @@ def observed_covariance(model: Callable, args: tuple, kwargs: dict, first_availa
     """
     names = list(values)
     maps = {name: free_coordinates(name, values[name], constraints_[name]) for name in names}
+    approached = [name for name in names if _approached(values[name], constraints_[name])]
+    if approached:
+        warnings.warn(
+            f"Param(s) {', '.join(repr(n) for n in approached)} have entries within {BOUNDARY:g} of "
+            "their constraint's boundary, where the likelihood's maximum is not a stationary "
+            "point (EM approaches it only gradually): they are held fixed there, with standard "
+            "error 0, and the other standard errors are conditional on them.",
+            BoundaryWarning,
+            stacklevel=3,
+        )
     sizes = [maps[name].shape[1] for name in names]
     dtype = values[names[0]].dtype
 
@@ -160,6 +194,22 @@ def observed_covariance(model: Callable, args: tuple, kwargs: dict, first_availa
         rows[name] = (slice(start, start + values[name].numel()), values[name].shape)
         start += values[name].numel()
     return Covariance(A @ covariance_free @ A.T, rows, information)
+
+
+class BoundaryWarning(UserWarning):
+    """Warned by :meth:`pyro_em.EM.covariance` when params have entries near their
+    constraint's boundary (not exactly on it, as a structural zero is), which it holds fixed."""
+
+
+def _approached(value: torch.Tensor, constraint) -> bool:
+    """Whether entries are near the boundary without being on it (exact zeros are structural)."""
+    c = base_constraint(constraint)
+    bounds = [0.0] if c is constraints.simplex else [
+        float(b) for b in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)) if b is not None]
+    exact = torch.zeros_like(value, dtype=torch.bool)
+    for b in bounds:
+        exact |= value.detach() == b
+    return bool((on_boundary(value, constraint) & ~exact).any())
 
 
 def _involved(owner: List[str], mask: torch.Tensor) -> str:

@@ -224,3 +224,28 @@ def test_a_map_site_counts_its_log_prior():
     cov = em.covariance(x)
     assert list(cov.params) == ["AutoDelta.w", "locs"]
     torch.testing.assert_close(cov.information, -_free_hessian(log_posterior, phi0), rtol=1e-9, atol=1e-9)
+
+
+def test_entries_that_em_drove_to_a_boundary_are_held_fixed_with_a_warning():
+    """A DiscreteHMM on five short sequences: EM drives the initial distribution towards a
+    corner (1, 6.6e-8), a maximum on the boundary, not a stationary point, whose Hessian would
+    give a standard error of 3.6 for a probability. It is held fixed (standard error 0) with a
+    BoundaryWarning naming it; the other params keep theirs."""
+    from pyro_em import BoundaryWarning
+
+    X = torch.randint(3, (5, 50), generator=torch.Generator().manual_seed(0))
+
+    def model(X):
+        start = pyro.param("start", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+        trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+        emit = pyro.param("emit", torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]), constraint=constraints.simplex)
+        with pyro.plate("seqs", X.shape[0]):
+            pyro.sample("x", dist.DiscreteHMM(start.log(), trans.log(), dist.Categorical(emit)), obs=X)
+
+    em = EM(model)
+    em.fit(X, tol=1e-12, max_iter=2000)
+    assert float(pyro.param("start").detach()[1]) < 1e-6
+    with pytest.warns(BoundaryWarning, match="'start' have entries within 1e-06"):
+        se = em.standard_errors(X)
+    assert bool((se["start"] == 0).all())
+    assert bool((se["trans"] > 0).all()) and bool((se["trans"] < 1).all()) and bool((se["emit"] > 0).all())
