@@ -71,15 +71,17 @@ BOUNDARY = 1e-6
 def on_boundary(value: torch.Tensor, constraint) -> torch.Tensor:
     """Which entries of a param lie within :data:`BOUNDARY` of its constraint's boundary (a
     simplex entry near 0, an entry near an interval's end); they are held fixed."""
-    c = base_constraint(constraint)
-    value = value.detach()
-    if c is constraints.simplex:
-        return value <= BOUNDARY
     near = torch.zeros_like(value, dtype=torch.bool)
-    for bound in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)):
-        if bound is not None:
-            near |= (value - bound).abs() <= BOUNDARY * max(1.0, abs(float(bound)))
+    for bound in _bounds(constraint):
+        near |= (value.detach() - bound).abs() <= BOUNDARY * max(1.0, abs(bound))
     return near
+
+
+def _bounds(constraint) -> List[float]:
+    c = base_constraint(constraint)
+    if c is constraints.simplex:
+        return [0.0]
+    return [float(b) for b in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)) if b is not None]
 
 
 def free_coordinates(name: str, value: torch.Tensor, constraint) -> torch.Tensor:
@@ -203,12 +205,9 @@ class BoundaryWarning(UserWarning):
 
 def _approached(value: torch.Tensor, constraint) -> bool:
     """Whether entries are near the boundary without being on it (exact zeros are structural)."""
-    c = base_constraint(constraint)
-    bounds = [0.0] if c is constraints.simplex else [
-        float(b) for b in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)) if b is not None]
     exact = torch.zeros_like(value, dtype=torch.bool)
-    for b in bounds:
-        exact |= value.detach() == b
+    for bound in _bounds(constraint):
+        exact |= value.detach() == bound
     return bool((on_boundary(value, constraint) & ~exact).any())
 
 

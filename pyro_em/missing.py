@@ -39,7 +39,7 @@ class MissingMultivariateNormal(MultivariateNormal):
         super().__init__(loc, validate_args=False, **matrix)  # (scale_tril, covariance_matrix or precision_matrix)
         self._observed = observed
         patterns, self._row_pattern = torch.unique(observed.reshape(-1, observed.shape[-1]), dim=0, return_inverse=True)
-        self._patterns = [p for p in patterns.tolist()]
+        self._patterns = patterns.tolist()
         self._row_pattern = self._row_pattern.reshape(observed.shape[:-1])
 
     def expand(self, batch_shape, _instance=None):
@@ -59,7 +59,8 @@ class MissingMultivariateNormal(MultivariateNormal):
             if not o:
                 yield rows, o, m, sigma, None, None
                 continue
-            L = torch.linalg.cholesky(sigma[..., o, :][..., :, o])
+            # (a row with every coordinate observed: the factor the distribution has)
+            L = self._unbroadcasted_scale_tril if not m else torch.linalg.cholesky(sigma[..., o, :][..., :, o])
             diff = (value[..., o] - self.loc[..., o]).unsqueeze(-1)
             solved = torch.linalg.solve_triangular(L, diff, upper=False)  # L^-1 (x_o - mu_o)
             yield rows, o, m, sigma, L, solved

@@ -39,14 +39,15 @@ class Squarem:
 
     def __init__(self, step: Callable[[], Tuple[float, int]], names: Callable[[], List[str]], tol: float = 0.0):
         self._step, self._names, self.stepmax, self.tol = step, names, 1.0, tol
-        self.converged = False
+        self.converged, self._known = False, None
 
     def __call__(self) -> Tuple[float, int]:
         """One cycle; returns the loss at the params it started from, and the data points."""
         store = pyro.get_param_store()
-        theta0 = self._values(store, list(store._params))  # (the first step may make params)
+        # (before the first step, which may make params, every param of the store)
+        theta0 = self._values(store, self._known if self._known is not None else list(store._params))
         loss0, rows = self._step()
-        names = self._names()
+        names = self._known = self._names()
         theta1 = self._values(store, names)
         loss1, _ = self._step()
         if self._small(loss0, loss1):
