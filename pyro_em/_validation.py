@@ -248,7 +248,9 @@ def check_observations(trace: Trace) -> None:
     """With Pyro's validation on (its default), raise as Pyro's ``log_prob`` would for an
     observed value outside its site's support (a Bernoulli observation of 2 or 0.5), naming
     the site and the first such value: a step that never evaluates the model's own
-    distributions (a fused chain) must not run on it silently."""
+    distributions (a fused chain) must not run on it silently. A distribution made with
+    ``validate_args=False`` is not checked, as its own ``log_prob`` would not be (``trace``
+    must come from a run under :func:`unset_validation`, which tells it apart)."""
     from pyro.infer.util import is_validation_enabled
 
     if not is_validation_enabled():
@@ -257,9 +259,50 @@ def check_observations(trace: Trace) -> None:
         if site["type"] != "sample" or not site["is_observed"] or not isinstance(site["value"], torch.Tensor):
             continue
         fn = site["fn"]
+        if not _validates(fn):
+            continue
         try:
             inside = fn.support.check(site["value"])
         except Exception:  # noqa: BLE001 (no support to check against: the E-step's log_prob says)
             continue
         if isinstance(inside, torch.Tensor) and not bool(inside.all()):
             raise ValueError(explain_log_prob_error(name, fn, site["value"], None))
+
+
+class _Unset:
+    """The default ``validate_args`` of distributions made inside :func:`unset_validation`:
+    false (no checks), and not ``False``, which a distribution's maker passed on purpose."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
+
+
+@contextmanager
+def unset_validation() -> Iterator[None]:
+    """Inside: distributions check nothing by default (as under ``pyro.validation_enabled(False)``),
+    but one made with ``validate_args=False`` keeps that ``False``, so that a trace shows which
+    sites the model itself exempted from Pyro's validation (see :func:`check_observations`)."""
+    old = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution._validate_args = UNSET
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution._validate_args = old
+
+
+def _validates(fn) -> bool:
+    """Whether ``fn.log_prob`` checks its value under Pyro's validation: not where the
+    innermost distribution was made with ``validate_args=False`` (``Independent``,
+    ``MaskedDistribution`` and ``ExpandedDistribution`` pass the value on to their base
+    distribution, whose own setting decides)."""
+    from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+
+    while isinstance(fn, (torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)):
+        fn = fn.base_dist
+    return getattr(fn, "_validate_args", UNSET) is not False

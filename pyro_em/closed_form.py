@@ -28,7 +28,7 @@ from torch.distributions.utils import lazy_property
 
 from .estep import EStep, enum_model, pack_shapes
 from .hmm import JointEmission, forward_backward
-from ._validation import INTEGRATED_FLAG, interval, model_errors, unrepresentable
+from ._validation import INTEGRATED_FLAG, MAP_FLAG, interval, model_errors, unrepresentable, unset_validation
 from .map_sites import UnconstrainedDensity, unbounded_prior_message
 from .rules import Collapse, Rule, UnboundedMAP, UseContext, find_rule
 from .tracking import BIJECTIONS, TrackParams, Tracked, apply_maps, compact, param_dependencies
@@ -196,7 +196,7 @@ def analysis_traces(model: Callable, args: tuple, kwargs: dict, first_available_
     *shapes* (:func:`~pyro_em.estep.pack_shapes`: no log density is computed, so planning costs
     no more memory than running the model). Both names are the same trace."""
     # Argument checks are the E-step's job (it runs next, on the same data): skipped here.
-    with torch.enable_grad(), model_errors(args, kwargs), pyro.validation_enabled(False):
+    with torch.enable_grad(), model_errors(args, kwargs), pyro.validation_enabled(False), unset_validation():
         tracked = poutine.trace(enum_model(TrackParams()(model), first_available_dim)).get_trace(*args, **kwargs)
     with torch.no_grad():
         tracked = pack_shapes(tracked, subsample)
@@ -231,6 +231,7 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
     names = [n for n, s in tracked.nodes.items() if s["type"] == "param"]
     leaves = {p: n for n, p in store.named_parameters() if n in names}
     plan = MStepPlan(read_unobserved=_read_unobserved(tracked))
+    _check_hierarchical_scales(tracked, leaves)
     if mode == "gradient":
         plan.gradient = {n: "m_step='gradient'" for n in names}
         return plan
@@ -296,6 +297,44 @@ def plan_m_step(tracked: Trace, scored: Trace, mode: str) -> MStepPlan:
         raise ValueError(f"m_step='closed_form', but param '{name}' has no closed-form update: {why}.")
     logger.info("pyro_em M-step plan:\n%s", plan)
     return plan
+
+
+_SCALES = {td.Normal: ("scale",), td.MultivariateNormal: ("scale_tril", "covariance_matrix", "precision_matrix")}
+
+
+def _check_hierarchical_scales(trace: Trace, leaves: Dict[torch.Tensor, str]) -> None:
+    """Raise for a param that enters the model only as the scale (or covariance) of the prior
+    of MAP-estimated sites: the MAP objective has no maximum, whatever the data (the values
+    sit on their prior's mean, where the likelihood is finite, and the scale goes to 0), and
+    the M-step, closed form or gradient, would drive it there."""
+    as_scale: Dict[str, str] = {}  # param -> a MAP site it is the prior scale of
+    elsewhere: set = set()  # params that enter any other way
+    memo: dict = {}
+    for site_name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["infer"].get(INTEGRATED_FLAG):
+            continue
+        direct = set()
+        for _, fn, value, _ in components(site["fn"], site["value"], None):
+            for arg, t in distribution_args(fn, value).items():
+                if isinstance(t, Tracked):
+                    direct.add(t.param_name)
+                    scale = site["infer"].get(MAP_FLAG) and any(
+                        isinstance(fn, family) and arg in args for family, args in _SCALES.items())
+                    if scale:
+                        as_scale.setdefault(t.param_name, site_name)
+                    else:
+                        elsewhere.add(t.param_name)
+        for t in _reachable_tensors([site["fn"], site["value"]]):
+            elsewhere |= param_dependencies(t, leaves, memo) - direct
+    for name, site in as_scale.items():
+        if name not in elsewhere:
+            raise ValueError(
+                f"Param '{name}' is the scale of the prior of MAP-estimated site '{site}' (a "
+                "hierarchical scale): the MAP objective has no maximum, it grows without bound as "
+                "the site's values approach their prior's mean and the scale goes to 0, and every "
+                "M-step takes it nearer. Fix it to a number (or condition the model on a value "
+                "with poutine.condition), or observe the site's values."
+            )
 
 
 def _read_unobserved(trace: Trace) -> set:

@@ -25,6 +25,7 @@ from .loop import EMResult, MStepWarning, fit_loop
 from .squarem import Squarem
 from .missing import OmitNaN
 from .information import Covariance, observed_covariance
+from .interrupts import guarded
 from .planner import Planner, rollback_new_params, rows
 from . import iteration, restarts, selection
 from .posterior import site_marginals
@@ -34,10 +35,24 @@ M_STEPS = ("auto", "closed_form", "gradient")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _guarded(method: Callable) -> Callable:
+    """A public method whose exceptions, a ``KeyboardInterrupt`` at any point above all, leave
+    Pyro's and PyTorch's process-wide state as it was (:func:`~pyro_em.interrupts.guarded`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with guarded():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _accepts_numpy(method: Callable) -> Callable:
     """Let a method take numpy arrays wherever the model takes tensors: each array becomes a
-    tensor sharing its memory (the same tensor for the same array, so plans are reused)."""
+    tensor sharing its memory (the same tensor for the same array, so plans are reused); and
+    guard it as :func:`_guarded` does."""
 
+    @_guarded
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         cache = {}
@@ -314,6 +329,7 @@ class EM:
         """
         return self._run([(args, kwargs)], keep=True)[0]
 
+    @_guarded
     def step_batches(self, batches: Iterable) -> float:
         """One exact EM iteration over data given in batches: every batch's E-step at the
         same params, the sufficient statistics (and, for params without a closed form, ``Q``
@@ -352,6 +368,7 @@ class EM:
             )
         return loss, rows
 
+    @_guarded
     def fit(
         self,
         *args: Any,
@@ -417,6 +434,7 @@ class EM:
         """Forget what depends on the params' identity (a restart makes new ones)."""
         self._planner.new_run()
 
+    @_guarded
     def fit_batches(
         self,
         batches: Iterable,

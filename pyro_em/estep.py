@@ -203,11 +203,21 @@ def log_marginal(trace: Trace, terms: Mapping[str, torch.Tensor], temperature: i
     names = [n for ts in tree.values() for n, _ in ts]
     scale = _common_scale(trace, names)
     if tree:
-        tree = OrderedDict((o, [t for _, t in ts]) for o, ts in tree.items())
+        # (a model may mix float32 and float64 sites: each term in the widest of their dtypes)
+        dtype = functools.reduce(torch.promote_types, [t.dtype for ts in tree.values() for _, t in ts])
+        tree = OrderedDict((o, [_as_dtype(t, dtype) for _, t in ts]) for o, ts in tree.items())
         contracted = contract_tensor_tree(tree, sum_dims, ring=MapRing() if temperature == 0 else None)
         what = "sites " + ", ".join(f"'{n}'" for n in names)
         sums.append(_total(_scaled(t, scale, what).sum() for ts in contracted.values() for t in ts))
     return _total(sums), scale
+
+
+def _as_dtype(term: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if term.dtype == dtype:
+        return term
+    out = term.to(dtype)
+    out._pyro_dims = term._pyro_dims
+    return out
 
 
 def _total(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

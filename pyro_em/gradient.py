@@ -1,5 +1,6 @@
 """Gradient M-step: maximize the expected complete-data log likelihood ``Q`` numerically."""
 
+import functools
 import math
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -71,7 +72,7 @@ class GradientMStep:
         q0, g0, h0 = objective(order, strict=True)  # a model that fails here fails loudly
         # Work with Q relative to its size so the tolerances do not depend on the data size.
         norm = max(abs(float(q0)), 1.0)
-        eps = torch.finfo(params[0].dtype).eps
+        eps = _eps(params)
         tolerance_grad = eps**0.5 * 1e-2
         # Small blocks: Newton's method on the exact Hessian first (a quadratic Q, as a
         # weighted least-squares mean's, is solved in one step); L-BFGS where it cannot go on.
@@ -137,16 +138,19 @@ class Objective:
     def __init__(self, pieces: List[Callable[[], torch.Tensor]], params: List[torch.Tensor]):
         self.pieces, self.params = pieces, params
         self.size = sum(p.numel() for p in params)
+        #: the flat gradient's and Hessian's dtype: the widest of the params' (each param keeps
+        #: its own: a model may mix float32 and float64 params, as Pyro's SVI allows)
+        self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
 
     def __call__(self, order: int = 0, strict: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``Q``, and with ``order`` 1 or 2 its gradient (flat, over ``params`` in order), with
         ``order`` 2 its Hessian too (one backward pass per element). ``Q`` is NaN, and its
         gradient ``-inf``, where the model rejects the params (a distribution's argument
         check raises ``ValueError``), unless ``strict``: then the error propagates."""
-        p0 = self.params[0]
-        q = p0.new_zeros(())
-        g = p0.new_zeros(self.size if order else 0)
-        h = p0.new_zeros((self.size, self.size) if order == 2 else (0, 0))
+        p0, dtype = self.params[0], self.dtype
+        q = p0.new_zeros((), dtype=dtype)
+        g = p0.new_zeros(self.size if order else 0, dtype=dtype)
+        h = p0.new_zeros((self.size, self.size) if order == 2 else (0, 0), dtype=dtype)
         error = None
         for piece in self.pieces:
             try:
@@ -207,8 +211,13 @@ def _derivatives(q: torch.Tensor, params: List[torch.Tensor], order: int):
 
 
 def _split(flat: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
-    """A flat vector over ``params`` cut into their shapes."""
-    return [part.reshape(p.shape) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+    """A flat vector over ``params`` cut into their shapes (and dtypes)."""
+    return [part.reshape(p.shape).to(p.dtype) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def _eps(params: List[torch.Tensor]) -> float:
+    """The round-off of ``Q`` over ``params``: the coarsest of their precisions."""
+    return max(torch.finfo(p.dtype).eps for p in params)
 
 
 def _set_grads(params: List[torch.Tensor], flat: torch.Tensor) -> None:
@@ -278,8 +287,10 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
         moves.append(torch.where(pulled, direction, torch.zeros_like(direction)))
     candidates = [(k, e) for k, m in enumerate(moves) for e in m.reshape(-1).nonzero().reshape(-1).tolist()]
     here = [p.detach().clone() for p in params] if candidates else []
-    round_off = 1e3 * torch.finfo(params[0].dtype).eps * norm
+    round_off = 1e3 * _eps(params) * norm
     for k, e in candidates[:16]:  # one element at a time: another's fall must not hide it
+        if _bounded_at_bound(objective, params, here, k, e, float(moves[k].reshape(-1)[e])):
+            continue
         values = []
         for distance in (2.0, 4.0):
             moved = [h.clone() for h in here]
@@ -298,6 +309,31 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
             )
 
 
+_FAR = 1e4  # an unconstrained value on a bound: exp(-1e4) is 0 and sigmoid(1e4) is 1 in any precision
+
+
+def _bounded_at_bound(objective: "Objective", params: List[torch.Tensor], here: List[torch.Tensor], k: int, e: int,
+                      direction: float) -> bool:
+    """Whether ``Q``, with element ``e`` of param ``k`` on the bound it moves towards (its
+    unconstrained value at +-1e4: ``exp``, ``sigmoid`` and stick-breaking reach the bound there,
+    to round-off, without the infinities that ``inf - inf`` would make NaN) and the others
+    where they are, is finite or ``-inf``. ``Q`` is continuous up to
+    the bound, so its supremum along the ray is then finite: a maximum on the bound (a
+    variance term tending to 0 beside a positive one, an empty component's weight), never a
+    collapse. A collapse makes ``Q`` at the bound ``+inf`` or undefined (a Normal of scale 0),
+    which the gains along the ray then judge. Evaluated without Pyro's argument checks, which
+    reject a value on the bound of an open support (an Exponential's 0)."""
+    moved = [h.clone() for h in here]
+    moved[k].view(-1)[e] = _FAR * direction
+    _restore(params, moved)
+    try:
+        with pyro.validation_enabled(False):
+            value = float(objective(0)[0])
+    finally:
+        _restore(params, here)
+    return not math.isnan(value) and value != math.inf
+
+
 def _newton(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor, g: torch.Tensor,
             h: torch.Tensor, max_steps: int, first: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Newton steps on the exact Hessian of ``Q``, from params where ``Q`` is ``q`` with
@@ -314,7 +350,7 @@ def _newton(objective: Objective, params: List[torch.Tensor], norm: float, q: to
     """
     if not bool(torch.isfinite(q)) or not all(bool(torch.isfinite(p).all()) for p in params):
         return q, g, h, False  # structural zeros (-inf) have no Newton step
-    eps = torch.finfo(params[0].dtype).eps
+    eps = _eps(params)
     for _ in range(max_steps):
         neg_hessian = -h / norm
         if not bool(torch.isfinite(neg_hessian).all()):

@@ -23,6 +23,7 @@ import pyro
 import torch
 
 from . import distributed, memo
+from .interrupts import deferred
 from ._validation import MAP_FLAG, check_params_finite, check_same_structure, structure, unrepresentable
 from .chain import SITE
 from .closed_form import MStepPlan, Solver, estep_parts, solve, summarize, write
@@ -424,7 +425,7 @@ def _transaction(params: Dict[str, torch.Tensor]) -> Iterator[None]:
                     "store was restored to its values before this step."
                 )
     except BaseException:
-        with torch.no_grad():
+        with torch.no_grad(), deferred():
             for name, p in params.items():
                 p.copy_(saved[name])
         raise

@@ -13,7 +13,7 @@ fitted online: the running statistics stand for the whole data.
 import numbers
 from typing import Any, Callable, Iterable, Tuple
 
-from .em import EM, _Batches, _accepts_numpy
+from .em import EM, _Batches, _accepts_numpy, _guarded
 from .iteration import Online
 from .planner import rows as planned_rows
 
@@ -87,6 +87,7 @@ class OnlineEM(EM):
         self.n_steps += 1
         return loss
 
+    @_guarded
     def step_batches(self, batches: Iterable) -> float:
         """One stepwise EM step per batch, in order (an epoch).
 

@@ -25,6 +25,7 @@ from ._validation import check_observations, model_errors, structure, structure_
 from .chain import FusedChain, fuse_chain
 from .closed_form import MStepPlan, analysis_traces, check_hard_em, note_obs_mask, plan_m_step
 from .estep import EStep, e_step, enum_model, trace_model
+from .interrupts import deferred
 from .map_sites import MapMessenger
 from .program import CAPTURE_AFTER, BatchQ, Program, StepProgram, SummaryProgram
 from . import program as _program
@@ -380,7 +381,17 @@ class rollback_new_params:
 
     def __exit__(self, kind, value, tb):
         if kind is not None:
-            store = pyro.get_param_store()
-            for name in set(store.keys()) - self._names:
-                del store[name]
+            with deferred():
+                _remove_params(set(pyro.get_param_store().keys()) - self._names)
         return False
+
+
+def _remove_params(names: set) -> None:
+    """Remove ``names`` from Pyro's param store, also where an interrupt left one half
+    written (in its values but not yet in its reverse map)."""
+    store = pyro.get_param_store()
+    for name in names:
+        store._params.pop(name, None)
+        store._constraints.pop(name, None)
+    for p in [p for p, name in store._param_to_name.items() if name in names]:
+        del store._param_to_name[p]

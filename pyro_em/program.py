@@ -45,6 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pyro.poutine.trace_struct import Trace
 
 from . import memo
+from .interrupts import deferred
 from .estep import EStep, expected_log_joint
 
 Tensors = Tuple[torch.Tensor, ...]
@@ -114,7 +115,8 @@ class Program:
         reference = None
         if self.state == "eager" and self.runs >= self.after:
             try:
-                self.graph, self.guards, self.ops, reference = _capture(*(capture or (inputs, eager)), self.compile)
+                with deferred():  # (an interrupt inside make_fx can abort the interpreter)
+                    self.graph, self.guards, self.ops, reference = _capture(*(capture or (inputs, eager)), self.compile)
                 self.state = "unchecked"
             except CaptureError as e:
                 self.state, self.reason = "failed", str(e)
