@@ -244,4 +244,3 @@ def test_every_constructed_collapse_is_caught(N, m_step, kind, seed):
         warnings.simplefilter("ignore")
         for _ in range(60):
             em.step(data)
-    assert "scales" in str(em.plan) or True
