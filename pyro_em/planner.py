@@ -27,8 +27,7 @@ from .closed_form import MStepPlan, analysis_traces, check_hard_em, note_obs_mas
 from .estep import EStep, e_step, enum_model, trace_model
 from .interrupts import deferred
 from .map_sites import MapMessenger
-from .program import CAPTURE_AFTER, BatchQ, Program, StepProgram, SummaryProgram
-from . import program as _program
+from .program import BatchQ, Program, StepProgram, SummaryProgram
 
 _PROBE_DIMS = 16  # enumeration dims for the plate-nesting probe start this far left
 
@@ -273,9 +272,8 @@ class Planner:
         changed."""
         key = key + (self.temperature,)
         if pb.step is None or pb.step.key != key:
-            after = CAPTURE_AFTER if pb.chain is not None else _program.CAPTURE_TRACED_AFTER
             # (its E-step weights go to the gradient M-step's Q, under autograd, if any param takes it)
-            pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, after=after,
+            pb.step = StepProgram(key, Program(self.compile, finite=False, enabled=self.jit, kind=_kind(pb),
                                                inference=not pb.plan.gradient))
             if pb.shared is not None:
                 self._shared_steps[pb.shared] = pb.step
@@ -286,8 +284,7 @@ class Planner:
         params it summarizes, and the settings it reads)."""
         key = key + (self.temperature, tuple(pb.plan.params))
         if key not in pb.summaries:
-            after = CAPTURE_AFTER if pb.chain is not None else _program.CAPTURE_TRACED_AFTER
-            pb.summaries[key] = SummaryProgram(Program(self.compile, finite=False, enabled=self.jit, after=after))
+            pb.summaries[key] = SummaryProgram(Program(self.compile, finite=False, enabled=self.jit, kind=_kind(pb)))
         return pb.summaries[key]
 
     def batch_q(self, pb: PlannedBatch) -> BatchQ:
@@ -344,6 +341,13 @@ class Planner:
         if pb.q is not None:
             lines.append(f"Q for the gradient M-step: {pb.q.program.status}")
         return "\n".join(lines)
+
+
+def _kind(pb: PlannedBatch) -> str:
+    """What a run in Python of the batch's stage is (see :data:`~pyro_em.program.EAGER_COST_PER_OP`)."""
+    if pb.chain is None:
+        return "traced"
+    return "mixture" if pb.chain.trans is None else "chain"
 
 
 def _same_division(a: MStepPlan, b: MStepPlan) -> bool:

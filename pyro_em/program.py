@@ -40,6 +40,7 @@ import torch
 import torch.fx
 from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 from pyro.poutine.trace_struct import Trace
@@ -50,13 +51,57 @@ from .estep import EStep, expected_log_joint
 
 Tensors = Tuple[torch.Tensor, ...]
 
-#: The runs a computation makes in Python before it is captured (its first run plans, so its
-#: tensors, a param's initial value say, may not be those of later runs).
+#: The runs a computation makes in Python before it may be captured (its first run plans, so
+#: its tensors, a param's initial value say, may not be those of later runs).
 CAPTURE_AFTER = 1
-#: The same for a stage that traces the model (not a recognized chain or mixture): capture
-#: costs 0.5 to 1 ms per operation (make_fx runs in Python), and a traced step of a long
-#: ``pyro.markov`` chain has tens of thousands of them, so it pays over a fit, not a few steps.
-CAPTURE_TRACED_AFTER = 20
+
+# When a capture is repaid, like a tiered JIT: from counts, never the clock. Costs are in eager
+# operations (one tensor operation called from Python, 3-9 us on this project's CPU), the
+# operations of a run in Python counted once (:class:`_Counter`); measured by
+# ``benchmarks/bench_capture.py``.
+
+#: ``make_fx``'s cost per operation of the run it captures (0.4-1 ms per graph operation).
+CAPTURE_COST_PER_OP = 100
+#: The imports of a process's first capture (sympy, ``torch._dynamo``: 1-2 s).
+FIRST_CAPTURE_COST = 250_000
+#: A run in Python, per operation it calls, by what runs (a lower bound, so that a capture
+#: waits rather than comes early): 0.9-2.2 for a fused mixture; more for a traced model (Pyro's
+#: handlers). A fused chain's forward-backward spends nothing beyond its operations that a
+#: graph saves (its graph ran 0-10% slower): ``None``, never captured.
+EAGER_COST_PER_OP = {"chain": None, "mixture": 1.0, "traced": 2.0}
+#: A capture waits until the runs so far have cost ``REPAY`` times what it costs, so that a fit
+#: of any length takes at most ``1 + 1 / REPAY`` of its time without the capture (and less once
+#: the graph's runs have repaid it).
+REPAY = 10
+#: Capture at the run after ``CAPTURE_AFTER`` whatever the cost: what the whole test suite
+#: sets, so that every test model's graphs meet its reference (``compile=True`` does too).
+CAPTURE_AT_ONCE = False
+
+_captured_in_process = [False]  # (the first capture's imports are paid once per process)
+
+
+class _Counter(TorchFunctionMode):
+    """Counts the tensor operations one run calls from Python (a function mode: a dispatch
+    mode would import ``torch._dynamo``, a second, at its first use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def repaid(runs: int, ops: int, kind: str) -> bool:
+    """Whether ``runs`` runs in Python of a computation of ``ops`` operations, of ``kind``
+    (a key of :data:`EAGER_COST_PER_OP`), have cost :data:`REPAY` times its capture."""
+    per_op = EAGER_COST_PER_OP[kind]
+    if per_op is None:
+        return False
+    cost = ops * CAPTURE_COST_PER_OP + (0 if _captured_in_process[0] else FIRST_CAPTURE_COST)
+    return runs * ops * per_op >= REPAY * cost
+
 
 _BOOL_READS = {torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
 
@@ -74,14 +119,18 @@ class Program:
     :param finite: a run of the graph whose results are not all finite runs again in Python
         (whose checks name the site).
     :param enabled: ``False`` to run Python always (``EM(model, jit=False)``).
-    :param after: the runs in Python before the capture.
+    :param kind: what a run in Python is, a key of :data:`EAGER_COST_PER_OP`: the capture waits
+        until it is repaid (:func:`repaid`, from the operations of the run after
+        :data:`CAPTURE_AFTER`, counted once), or comes at that run where compiling was asked
+        for or :data:`CAPTURE_AT_ONCE` is set.
     :param inference: run the graph under :func:`torch.inference_mode` (its results are never
         used by autograd): 15% less time per operation.
     """
 
     def __init__(self, compile: Union[bool, str] = False, finite: bool = True, enabled: bool = True,
-                 after: int = CAPTURE_AFTER, inference: bool = False):
-        self.compile, self.finite, self.after, self.inference = compile, finite, after, inference
+                 kind: str = "traced", inference: bool = False):
+        self.compile, self.finite, self.kind, self.inference = compile, finite, kind, inference
+        self.eager_ops: Optional[int] = None  # operations of a run in Python, once counted
         self.graph: Optional[Callable[..., Tensors]] = None
         self.guards: Optional[torch.Tensor] = None  # each guard's value in the captured run
         self.ops = 0  # operations in the captured graph
@@ -113,7 +162,7 @@ class Program:
             (the tensors the function reads from where it finds them, the param store say).
         """
         reference = None
-        if self.state == "eager" and self.runs >= self.after:
+        if self.state == "eager" and self.runs >= CAPTURE_AFTER and self._due():
             try:
                 with deferred():  # (an interrupt inside make_fx can abort the interpreter)
                     self.graph, self.guards, self.ops, reference = _capture(*(capture or (inputs, eager)), self.compile)
@@ -122,6 +171,11 @@ class Program:
                 self.state, self.reason = "failed", str(e)
         if self.state not in ("unchecked", "captured"):
             self.runs += 1
+            if self.state == "eager" and self.eager_ops is None and self.runs > CAPTURE_AFTER:
+                with _Counter() as counter:
+                    out = eager()
+                self.eager_ops = counter.ops
+                return out
             return eager()
         try:
             out = self._run(inputs)
@@ -138,6 +192,12 @@ class Program:
                 self.state, self.reason, self.graph = "failed", "the graph disagreed with Python", None
             return reference
         return out
+
+    def _due(self) -> bool:
+        """Whether to capture at this run (see :func:`repaid`)."""
+        if self.compile or CAPTURE_AT_ONCE:
+            return True
+        return self.eager_ops is not None and repaid(self.runs, self.eager_ops, self.kind)
 
     def _run(self, inputs: Sequence[torch.Tensor]) -> Optional[Tensors]:
         """The graph's results, or ``None`` where a guard or finiteness says: run Python."""
@@ -289,6 +349,7 @@ def _capture(inputs: Sequence[torch.Tensor], fn: Callable[[], Tensors], compile:
     else:
         graph = _bound_forward(gm)
     flags = torch.tensor(g.values, device=inputs[0].device if inputs else None) if g.values else None
+    _captured_in_process[0] = True
     return _Captured(graph, flags, ops, results[-1])
 
 

@@ -29,17 +29,17 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(autouse=True)
 def _jit_default(request, monkeypatch):
-    """EM's default ``jit`` for the test (see ``--jit``). In the whole suite, a traced model's
-    step is captured from its second run, as a fused chain's (a fit waits 20 runs), so every
-    test model's captured steps are checked against the test's reference; the quick subset
-    (``-m "not slow"``) leaves that to the whole suite."""
+    """EM's default ``jit`` for the test (see ``--jit``). Every step program is captured at its
+    second run (``CAPTURE_AT_ONCE``; a fit captures only where the capture is repaid, hundreds
+    of runs later), so every test model's captured steps are checked against the test's
+    reference; ``test_program`` checks the policy itself."""
     import pyro_em.program
     from pyro_em import EM
 
     jit = getattr(request, "param", True)
     monkeypatch.setitem(EM.__init__.__kwdefaults__, "jit", jit)
-    if "not slow" not in (request.config.getoption("markexpr") or ""):
-        monkeypatch.setattr(pyro_em.program, "CAPTURE_TRACED_AFTER", 1)
+    if "capture_policy" not in request.keywords:
+        monkeypatch.setattr(pyro_em.program, "CAPTURE_AT_ONCE", True)
     return jit
 
 

@@ -48,7 +48,7 @@ def _run(mixture_parts, hmm_batches, seed):
 def _worker(rank, world, init_file, out_dir):
     import pyro_em.program
 
-    pyro_em.program.CAPTURE_TRACED_AFTER = 1  # (each process's share of a step runs captured)
+    pyro_em.program.CAPTURE_AT_ONCE = True  # (each process's share of a step runs captured)
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

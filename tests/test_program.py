@@ -268,7 +268,7 @@ def test_traced_closed_form_steps_captured(monkeypatch):
     """A model that does not fuse (one DiscreteHMM site, as bench_hmm's vectorized form): the
     captured stage holds the model's enumeration and the E-step's backward pass as plain
     operations, with the eager iterates."""
-    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
+    monkeypatch.setattr(program, "CAPTURE_AT_ONCE", True)
     X, params = hmm_problem(6, 40, 4)
 
     def model(X):
@@ -282,7 +282,7 @@ def test_traced_closed_form_steps_captured(monkeypatch):
 def test_closed_form_stage_captured_beside_a_gradient_m_step(monkeypatch):
     """A mixture of regressions: weights and scales in closed form, slopes by Newton. The
     captured stage gives the E-step's weights too, for the captured Q: the iterates of jit=False."""
-    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
+    monkeypatch.setattr(program, "CAPTURE_AT_ONCE", True)
     model, args = regression(lambda b: b)
     assert_same_fit(lambda: model, args, 8, "captured", "step")
     assert fit(lambda: model, args, 8, True)[2] == ["captured"]  # and Q
@@ -304,13 +304,14 @@ def test_compiled_graphs_give_the_same_fit():
     assert pyro.param("templates").dtype == torch.float32
 
 
-def test_a_capture_reads_nothing_kept_before_it():
+def test_a_capture_reads_nothing_kept_before_it(monkeypatch):
     """What a step kept for its later parts (pyro_em.memo: the data's feature-major copy) is
     not read by a capture: a graph whose data is an input would hold it as a constant."""
     from pyro_em import kernels, memo
 
     x, other = torch.randn(6, 2), torch.randn(6, 2)
-    captured = program.Program(False, after=0)
+    monkeypatch.setattr(program, "CAPTURE_AFTER", 0)
+    captured = program.Program(False)
     with memo.scope({}):
         kernels.feature_major(x)  # (kept)
         assert captured([x], lambda: (kernels.feature_major(x) * 2,))[0].equal(x.T * 2)
@@ -330,8 +331,8 @@ def test_steps_over_batches_run_captured_summaries(which, monkeypatch):
     """step_batches over a list of batches: every batch's E-step and statistics run as its
     captured graph, with the iterates of jit=False; a full-covariance mixture takes two passes
     (the covariance reads the new means). (The batches after the first share its plan and are
-    traced: their capture waits for CAPTURE_TRACED_AFTER runs.)"""
-    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
+    traced.)"""
+    monkeypatch.setattr(program, "CAPTURE_AT_ONCE", True)
     if which == "gmm":
         model, X = gmm("full")
         batches = [(x,) for x in X.split(len(X) // 4)]
@@ -365,7 +366,7 @@ def test_new_tensors_each_step_run_graphs_shared_by_their_shapes(how, monkeypatc
 
     from pyro_em import OnlineEM
 
-    monkeypatch.setattr(program, "CAPTURE_TRACED_AFTER", 2)
+    monkeypatch.setattr(program, "CAPTURE_AT_ONCE", True)
     model, X = gmm("full")
     runs = {}
     for jit in (False, True):
@@ -403,3 +404,82 @@ def test_restarts_keep_their_graphs(monkeypatch):
             results[jit] = EM(model, reg_covar=1e-3, jit=jit).fit(X, n_init=3, max_iter=10).run_losses
     assert len(captures) == 1
     assert results[True] == pytest.approx(results[False], rel=1e-10)
+
+
+# ---- when a fit captures: only where the capture is repaid --------------------------------
+
+
+@pytest.mark.capture_policy
+def test_a_mixture_captures_at_the_run_its_counts_say(monkeypatch):
+    """A fused mixture's stage counts the operations of its second run and is captured at the
+    first run ``r`` with ``r * ops * EAGER_COST_PER_OP >= REPAY * capture cost``: the same
+    run on any machine (REPAY lowered here, so that the test is short)."""
+    monkeypatch.setattr(program, "REPAY", 0.05)
+    monkeypatch.setattr(program, "_captured_in_process", [True])  # (no imports to pay)
+    model, X = gmm("full")
+    em = EM(model, reg_covar=1e-3)
+    states = []
+    for _ in range(40):
+        em.step(X)
+        held = em._planner.latest.step.program
+        states.append(held.state)
+    ops = held.eager_ops
+    due = next(r for r in range(1, 1000) if program.repaid(r, ops, "mixture"))
+    assert due >= 2 and states.index("captured") == due  # (step due + 1 captures: due runs in Python)
+    assert ops > 100 and states[-1] == "captured"
+
+
+@pytest.mark.capture_policy
+def test_short_fits_capture_nothing_and_a_chain_never():
+    """At the default costs a 30-step fit of a mixture captures nothing (its capture would
+    cost more than a tenth of the fit), nor does a fused chain at any length (its graph runs
+    no faster than its Python)."""
+    model, X = gmm("full")
+    em = EM(model, reg_covar=1e-3)
+    for _ in range(30):
+        em.step(X)
+    assert em._planner.latest.step.program.state == "eager"
+    assert "closed-form stage: Python (not captured yet)" in str(em.plan)
+    X, params = hmm_problem(4, 20, 3)
+    em = EM(markov_hmm(params))
+    for _ in range(40):
+        em.step(X)
+    held = em._planner.latest.step.program
+    assert held.state == "eager" and not program.repaid(10**6, held.eager_ops, "chain")
+
+
+@pytest.mark.capture_policy
+def test_a_fresh_process_short_fit_pays_no_capture():
+    """A fresh process's short fits, a mixture and a chain, capture nothing, so they pay
+    neither make_fx's 0.4-1 ms per operation nor its first imports. (PyTorch itself imports
+    torch._dynamo at a process's first distribution: torch 2.13's ``Categorical`` and
+    ``StickBreakingTransform`` call through ``torch._disable_dynamo``, in any Pyro program.)"""
+    import subprocess
+    import sys
+
+    code = """
+import torch, pyro, pyro.distributions as dist
+from torch.distributions import constraints
+import pyro_em.program
+from pyro_em import EM
+def mixture(data):
+    w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+def chain(data):
+    trans = pyro.param("trans", torch.tensor([[0.9, 0.1], [0.2, 0.8]]), constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    z = 0
+    for t in pyro.markov(range(len(data))):
+        z = pyro.sample(f"z_{t}", dist.Categorical(trans[z]), infer={"enumerate": "parallel"})
+        pyro.sample(f"x_{t}", dist.Normal(locs[z], 1.0), obs=data[t])
+for model in (mixture, chain):
+    pyro.clear_param_store()
+    EM(model).fit(torch.randn(50), max_iter=30, tol=0.0)
+print(pyro_em.program._captured_in_process[0])
+"""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout
