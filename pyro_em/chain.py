@@ -38,7 +38,7 @@ from ._validation import MAP_FLAG
 from .missing import MissingMultivariateNormal
 from .closed_form import MStepPlan, Use, components, distribution_args, solve_passes, unwrap
 from .estep import enum_symbols, packed_scale
-from .hmm import JointEmission
+from .hmm import JointEmission, forward_backward
 from .rules import find_rule
 from .tracking import compact
 
@@ -57,6 +57,17 @@ class FusedChain:
     emissions: List["_Emission"]  # each step's emissions (a JointEmission of them if several)
     plan: MStepPlan
     priors: Dict[str, Tuple[td.Distribution, str, bool]] = field(default_factory=dict)  # MAP site -> (prior, param, unmasked)
+    states: List[str] = field(default_factory=list)  # the state sites, in order
+    plate: bool = True  # the states sit in a plate (the sequences)
+
+    def marginals(self) -> Dict[str, torch.Tensor]:
+        """The posterior marginal of every state site at the current params, by one
+        forward-backward pass, as :func:`~pyro_em.posterior.site_marginals` gives them from a
+        traced E-step: ``(S, K)`` in the sequences' plate, ``(K,)`` without one. (Chains with
+        sequences that end are not read so: the traced marginals are zero past each end.)"""
+        with torch.no_grad():
+            observation = forward_backward(self.distribution(), self.values).observation
+        return {name: observation[:, t] if self.plate else observation[0, t] for t, name in enumerate(self.states)}
 
     def prior_parts(self, counted: bool = True) -> Tuple[Dict[str, Dict[str, tuple]], float]:
         """Each MAP site's parts for the closed-form rules (its prior at the param's current
@@ -251,7 +262,7 @@ def fuse_chain(tracked: Trace, scored: Trace, plan: MStepPlan) -> Optional[Fused
             return None
         fused.closed_form[name] = uses
     fused.passes = solve_passes(fused)
-    return FusedChain(values, active, start, trans, specs, fused, priors)
+    return FusedChain(values, active, start, trans, specs, fused, priors, states, plate_size is not None)
 
 
 class _Emission(NamedTuple):

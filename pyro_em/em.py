@@ -497,6 +497,9 @@ class EM:
             dim over the site's values (in ``enumerate_support()`` order), e.g. the
             ``(N, K)`` responsibilities of a mixture.
         """
+        chain = self._planner.fused_chain_of(args, kwargs) if self.temperature == 1 else None
+        if chain is not None and chain.active is None:  # (one forward-backward pass: no trace)
+            return chain.marginals()
         return site_marginals(self.e_step(*args, **kwargs), self.max_plate_nesting)
 
     @_accepts_numpy

@@ -296,6 +296,16 @@ class Planner:
                           Program(self.compile, enabled=self.jit))
         return pb.q
 
+    def fused_chain_of(self, args: tuple, kwargs: dict) -> Optional[FusedChain]:
+        """The fused chain of a batch planned and kept, with every param it reads in the
+        store (an EM step on these arguments would run it), or ``None``."""
+        planned = self.plans.peek(args_key(args, kwargs))
+        if planned is None or planned.chain is None or any(a is not b for a, b in zip(
+                (*planned.args, *planned.kwargs.values()), (*args, *kwargs.values()))):
+            return None
+        store = pyro.get_param_store()
+        return planned.chain if all(name in store for name in planned.plan.params) else None
+
     def new_run(self) -> None:
         """Forget the plans, which hold the params' identity (a restart makes new params); keep
         their programs, which take the params as inputs, for the same batches planned alike."""

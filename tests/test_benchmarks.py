@@ -36,7 +36,8 @@ def test_small_problems_benchmark_runs_and_both_reach_the_same_optimum():
 @pytest.mark.slow
 def test_streaming_benchmark_runs_with_the_losses_of_python():
     """(The script asserts that the step programs' losses equal the model's Python's.)"""
-    proc = subprocess.run([sys.executable, "bench_streaming.py", "--n", "2000", "--batch", "200", "--epochs", "3"],
+    proc = subprocess.run([sys.executable, "bench_streaming.py", "--n", "2000", "--batch", "200", "--epochs", "3",
+                           "--capture"],
                           cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("fit_batches", "OnlineEM"))]

@@ -1,6 +1,7 @@
 """Hidden Markov models written with pyro.markov: Baum-Welch equals hmmlearn iteration by
 iteration (float64, 1e-6), with variable-length sequences, posteriors and Viterbi paths."""
 
+import contextlib
 import contextvars
 import warnings
 
@@ -434,3 +435,45 @@ def test_posteriors_of_one_long_float32_sequence(algorithm):
     assert (post.observation.double() - ref.observation).abs().max() < 2e-5
     counts, expected = (p.transition.double().reshape(-1, 2, 2).sum(0) for p in (post, ref))
     assert ((counts - expected).abs() / expected).max() < 2e-5
+
+
+@pytest.mark.jit_only
+@pytest.mark.parametrize("which", ["sequences", "one_chain", "mixture"])
+def test_posterior_of_a_fused_chain_is_the_traced_one(which):
+    """``em.posterior`` of a fused chain (one forward-backward pass, no trace) equals the
+    traced E-step's marginals that ``jit=False`` gives, site by site."""
+    g = torch.Generator().manual_seed(0)
+    if which == "mixture":
+        x = torch.randn(40, generator=g) * 2
+
+        def model(x):
+            w = pyro.param("w", torch.tensor([0.3, 0.7]), constraint=constraints.simplex)
+            locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+    else:
+        x = torch.randint(3, (6, 12) if which == "sequences" else (12,), generator=g)
+
+        def model(x):
+            start = pyro.param("start", torch.tensor([0.5, 0.3, 0.2]), constraint=constraints.simplex)
+            trans = pyro.param("trans", torch.eye(3) * 0.6 + 0.4 / 3, constraint=constraints.simplex)
+            emit = pyro.param("emit", torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7]]),
+                              constraint=constraints.simplex)
+            steps = x.shape[-1]
+            with pyro.plate("seqs", x.shape[0]) if x.dim() == 2 else contextlib.nullcontext():
+                z = None
+                for t in pyro.markov(range(steps)):
+                    z = pyro.sample(f"z_{t}", dist.Categorical(start if z is None else trans[z]),
+                                    infer={"enumerate": "parallel"})
+                    pyro.sample(f"x_{t}", dist.Categorical(emit[z]), obs=x[..., t])
+
+    em = EM(model)
+    em.step(x)
+    em.step(x)
+    assert em.fused_chain is not None
+    fused = em.posterior(x)
+    traced = EM(model, jit=False).posterior(x)
+    assert fused.keys() == traced.keys()
+    for name in traced:
+        torch.testing.assert_close(fused[name], traced[name], rtol=1e-10, atol=1e-12)
