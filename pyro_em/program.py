@@ -2,7 +2,8 @@
 
 A step of EM runs much Python around its tensor operations: the Pyro model (poutine handlers,
 distribution objects), the plan, the rules. Where the same computation repeats with new
-values, :class:`Program` captures it once with PyTorch's
+values often enough to repay it (:func:`repaid`: a capture costs hundreds of runs),
+:class:`Program` captures it once with PyTorch's
 :func:`~torch.fx.experimental.proxy_tensor.make_fx` (the ATen operations of one run, the
 E-step's backward pass included) and later runs call the captured
 :class:`~torch.fx.GraphModule`, or the graph compiled by :func:`torch.compile` on request.
@@ -144,7 +145,11 @@ class Program:
         before capture."""
         if self.state in ("unchecked", "captured"):
             return f"captured graph ({self.ops} ops{', compiled' if self.compile else ''})"
-        return f"Python ({self.reason})" if self.reason else "Python (not captured yet)"
+        if self.reason:
+            return f"Python ({self.reason})"
+        if EAGER_COST_PER_OP[self.kind] is None and not (self.compile or CAPTURE_AT_ONCE):
+            return "Python (a fused chain: its graph would run no faster)"
+        return "Python (not captured yet)"
 
     def recheck(self) -> None:
         """Compare the graph's next run with Python's again (its inputs are new tensors: a

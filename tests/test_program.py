@@ -446,6 +446,7 @@ def test_short_fits_capture_nothing_and_a_chain_never():
         em.step(X)
     held = em._planner.latest.step.program
     assert held.state == "eager" and not program.repaid(10**6, held.eager_ops, "chain")
+    assert "closed-form stage: Python (a fused chain: its graph would run no faster)" in str(em.plan)
 
 
 @pytest.mark.capture_policy
