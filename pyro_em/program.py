@@ -66,10 +66,11 @@ CAPTURE_COST_PER_OP = 100
 #: The imports of a process's first capture (sympy, ``torch._dynamo``: 1-2 s).
 FIRST_CAPTURE_COST = 250_000
 #: A run in Python, per operation it calls, by what runs (a lower bound, so that a capture
-#: waits rather than comes early): 0.9-2.2 for a fused mixture; more for a traced model (Pyro's
-#: handlers). A fused chain's forward-backward spends nothing beyond its operations that a
-#: graph saves (its graph ran 0-10% slower): ``None``, never captured.
-EAGER_COST_PER_OP = {"chain": None, "mixture": 1.0, "traced": 2.0}
+#: waits rather than comes early): 0.9-2.4 for a fused mixture, 1.1 for a traced
+#: ``DiscreteHMM`` site and more where Pyro's handlers run per operation. A fused chain's
+#: forward-backward spends nothing beyond its operations that a graph saves (its graph ran
+#: 0-10% slower): ``None``, never captured.
+EAGER_COST_PER_OP = {"chain": None, "mixture": 1.0, "traced": 1.0}
 #: A capture waits until the runs so far have cost ``REPAY`` times what it costs, so that a fit
 #: of any length takes at most ``1 + 1 / REPAY`` of its time without the capture (and less once
 #: the graph's runs have repaid it).
