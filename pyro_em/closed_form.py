@@ -307,22 +307,25 @@ def _check_hierarchical_scales(trace: Trace, leaves: Dict[torch.Tensor, str]) ->
     of MAP-estimated sites: the MAP objective has no maximum, whatever the data (the values
     sit on their prior's mean, where the likelihood is finite, and the scale goes to 0), and
     the M-step, closed form or gradient, would drive it there."""
+    sites = [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and not s["infer"].get(INTEGRATED_FLAG)]
     as_scale: Dict[str, str] = {}  # param -> a MAP site it is the prior scale of
+    for site_name, site in sites:
+        for _, fn, value, _ in components(site["fn"], site["value"], None) if site["infer"].get(MAP_FLAG) else ():
+            for arg, t in distribution_args(fn, value).items():
+                if isinstance(t, Tracked) and any(isinstance(fn, f) and arg in a for f, a in _SCALES.items()):
+                    as_scale.setdefault(t.param_name, site_name)
+    if not as_scale:  # (most models: no walk through every site's computations)
+        return
     elsewhere: set = set()  # params that enter any other way
     memo: dict = {}
-    for site_name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["infer"].get(INTEGRATED_FLAG):
-            continue
+    for site_name, site in sites:
         direct = set()
         for _, fn, value, _ in components(site["fn"], site["value"], None):
             for arg, t in distribution_args(fn, value).items():
                 if isinstance(t, Tracked):
                     direct.add(t.param_name)
-                    scale = site["infer"].get(MAP_FLAG) and any(
-                        isinstance(fn, family) and arg in args for family, args in _SCALES.items())
-                    if scale:
-                        as_scale.setdefault(t.param_name, site_name)
-                    else:
+                    if as_scale.get(t.param_name) != site_name or not any(
+                            isinstance(fn, f) and arg in a for f, a in _SCALES.items()):
                         elsewhere.add(t.param_name)
         for t in _reachable_tensors([site["fn"], site["value"]]):
             elsewhere |= param_dependencies(t, leaves, memo) - direct

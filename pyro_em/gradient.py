@@ -267,7 +267,12 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
 
     Candidates are elements whose unconstrained value moved by more than 2 in this M-step
     (a factor e^2 for a positive param) while ``Q``'s gradient ``grads`` still pulls them on.
-    ``Q`` (``q`` here) is then evaluated with each moved 2 and 4 further along. An unbounded
+    ``Q`` is first evaluated with the candidate on its bound (unconstrained +-1e4, where exp,
+    sigmoid and stick-breaking reach it, without Pyro's argument checks, which reject a value
+    on the bound of an open support): finite or ``-inf`` there, ``Q``, continuous up to the
+    bound, has a finite supremum along the way (a variance term tending to 0 beside a positive
+    one, an empty component's weight): no error. Else (``+inf``, or undefined as a Normal of
+    scale 0) ``Q`` (``q`` here) is evaluated with the candidate moved 2 and 4 further along. An unbounded
     ``Q`` gains as much from the second move as from the first (``-log`` of a scale grows
     linearly in its log): the error. Where the maximum lies on the bound, ``Q`` gains about
     e^-2 as much from the second (``Q(b + e^u) ~ Q(b) + c e^u``); where it lies short of the
@@ -289,15 +294,12 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
     here = [p.detach().clone() for p in params] if candidates else []
     round_off = 1e3 * _eps(params) * norm
     for k, e in candidates[:16]:  # one element at a time: another's fall must not hide it
-        if _bounded_at_bound(objective, params, here, k, e, float(moves[k].reshape(-1)[e])):
-            continue
-        values = []
-        for distance in (2.0, 4.0):
-            moved = [h.clone() for h in here]
-            moved[k].view(-1)[e] += distance * moves[k].reshape(-1)[e]
-            _restore(params, moved)
-            values.append(float(objective(0)[0]))
-        _restore(params, here)
+        direction, u = float(moves[k].reshape(-1)[e]), float(here[k].reshape(-1)[e])
+        with pyro.validation_enabled(False):  # (an open support rejects a value on its bound)
+            on_bound = _q_with(objective, params, here, k, e, _FAR * direction)
+        if not math.isnan(on_bound) and on_bound != math.inf:
+            continue  # Q finite (or -inf) on the bound: its supremum along the way is finite
+        values = [_q_with(objective, params, here, k, e, u + d * direction) for d in (2.0, 4.0)]
         first, second = values[0] - float(q), values[1] - values[0]
         if math.isfinite(first) and math.isfinite(second) and first > round_off and second > 0.5 * first:
             name = list(named)[k]
@@ -312,26 +314,17 @@ def _check_collapse(objective: "Objective", named: Dict[str, torch.Tensor], star
 _FAR = 1e4  # an unconstrained value on a bound: exp(-1e4) is 0 and sigmoid(1e4) is 1 in any precision
 
 
-def _bounded_at_bound(objective: "Objective", params: List[torch.Tensor], here: List[torch.Tensor], k: int, e: int,
-                      direction: float) -> bool:
-    """Whether ``Q``, with element ``e`` of param ``k`` on the bound it moves towards (its
-    unconstrained value at +-1e4: ``exp``, ``sigmoid`` and stick-breaking reach the bound there,
-    to round-off, without the infinities that ``inf - inf`` would make NaN) and the others
-    where they are, is finite or ``-inf``. ``Q`` is continuous up to
-    the bound, so its supremum along the ray is then finite: a maximum on the bound (a
-    variance term tending to 0 beside a positive one, an empty component's weight), never a
-    collapse. A collapse makes ``Q`` at the bound ``+inf`` or undefined (a Normal of scale 0),
-    which the gains along the ray then judge. Evaluated without Pyro's argument checks, which
-    reject a value on the bound of an open support (an Exponential's 0)."""
+def _q_with(objective: "Objective", params: List[torch.Tensor], here: List[torch.Tensor], k: int, e: int,
+            value: float) -> float:
+    """``Q`` with element ``e`` of param ``k`` at the unconstrained ``value`` and the others at
+    ``here``; the params are left at ``here``."""
     moved = [h.clone() for h in here]
-    moved[k].view(-1)[e] = _FAR * direction
+    moved[k].view(-1)[e] = value
     _restore(params, moved)
     try:
-        with pyro.validation_enabled(False):
-            value = float(objective(0)[0])
+        return float(objective(0)[0])
     finally:
         _restore(params, here)
-    return not math.isnan(value) and value != math.inf
 
 
 def _newton(objective: Objective, params: List[torch.Tensor], norm: float, q: torch.Tensor, g: torch.Tensor,

@@ -89,15 +89,19 @@ class PlanCache:
         self._shared: Dict[tuple, MStepPlan] = {}
         self._used: set = set()
 
-    def peek(self, key: tuple) -> Optional[PlannedBatch]:
-        """The plan kept under ``key``, if any, without marking it used."""
-        return self._entries.get(key)
+    def peek(self, key: tuple, arguments: Optional[list] = None) -> Optional[PlannedBatch]:
+        """The plan kept under ``key`` (for these ``arguments``, if given), without marking it
+        used."""
+        planned = self._entries.get(key)
+        if planned is None or arguments is not None and any(
+                a is not b for a, b in zip((*planned.args, *planned.kwargs.values()), arguments)):
+            return None
+        return planned
 
     def get(self, key: tuple, arguments: list) -> Optional[PlannedBatch]:
-        planned = self._entries.get(key)
-        if planned is None or any(a is not b for a, b in zip((*planned.args, *planned.kwargs.values()), arguments)):
-            return None
-        self._used.add(key)
+        planned = self.peek(key, arguments)
+        if planned is not None:
+            self._used.add(key)
         return planned
 
     def shared(self, args: tuple, kwargs: dict) -> Optional[MStepPlan]:
@@ -299,9 +303,8 @@ class Planner:
     def fused_chain_of(self, args: tuple, kwargs: dict) -> Optional[FusedChain]:
         """The fused chain of a batch planned and kept, with every param it reads in the
         store (an EM step on these arguments would run it), or ``None``."""
-        planned = self.plans.peek(args_key(args, kwargs))
-        if planned is None or planned.chain is None or any(a is not b for a, b in zip(
-                (*planned.args, *planned.kwargs.values()), (*args, *kwargs.values()))):
+        planned = self.plans.peek(args_key(args, kwargs), [*args, *kwargs.values()])
+        if planned is None or planned.chain is None:
             return None
         store = pyro.get_param_store()
         return planned.chain if all(name in store for name in planned.plan.params) else None
