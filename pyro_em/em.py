@@ -353,10 +353,15 @@ class EM:
         """
         return self._step_batches(batches)[0]
 
+    def _start_run(self) -> None:
+        """Called before each run of a fit with restarts (stepwise EM forgets its statistics)."""
+
+    def _settings(self) -> iteration.Settings:
+        return iteration.Settings(self.reg_covar, self._gradient_m_step, self.map_prefix, self.hmm_algorithm)
+
     def _run(self, batches: Iterable, keep: bool, cache: bool = True) -> Tuple[float, int]:
         self._e_steps += 1
-        settings = iteration.Settings(self.reg_covar, self._gradient_m_step, self.map_prefix, self.hmm_algorithm)
-        loss, rows, self.stalled = iteration.run(self._planner, settings, batches, keep, self._online, cache)
+        loss, rows, self.stalled = iteration.run(self._planner, self._settings(), batches, keep, self._online, cache)
         if self.stalled:
             warnings.warn(
                 "The gradient M-step could not increase Q along param(s) "
@@ -414,11 +419,7 @@ class EM:
         max_iter, tol = check_fit_args(max_iter, tol)
         fit_kwargs = dict(max_iter=max_iter, tol=tol, progress=progress, callback=callback)
         if n_init != 1 or init is not None:
-            trace = self._planner.probe_trace(args, kwargs)  # (creates the params)
-            names = [name for name, site in trace.nodes.items() if site["type"] == "param"]
-            result = restarts.fit_restarts(lambda: self._fit_once(args, kwargs, **fit_kwargs),
-                                           lambda: self.evaluate_loss(*args, **kwargs), self._new_run,
-                                           names, args, kwargs, n_init, init)
+            result = restarts.fit_restarts(self, args, kwargs, n_init, init, fit_kwargs)
         else:
             result = self._fit_once(args, kwargs, **fit_kwargs)
         self._check_structure_kept(args, kwargs)
@@ -429,10 +430,6 @@ class EM:
     def _fit_once(self, args: tuple, kwargs: dict, **fit_kwargs) -> EMResult:
         points = rows(args, kwargs)
         return self._fit_loop(lambda: (self.step(*args, **kwargs), points), **fit_kwargs)
-
-    def _new_run(self) -> None:
-        """Forget what depends on the params' identity (a restart makes new ones)."""
-        self._planner.new_run()
 
     @_guarded
     def fit_batches(

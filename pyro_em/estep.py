@@ -240,7 +240,7 @@ def _masked_gradient(term: torch.Tensor, mask) -> torch.Tensor:
     return result
 
 
-def _leaf(term: torch.Tensor, site: dict) -> torch.Tensor:
+def _leaf(term: torch.Tensor, site: dict, requires_grad: bool = True) -> torch.Tensor:
     """A leaf standing for ``term`` in :func:`log_marginal`, whose gradient is the site's
     posterior weight. An enumerated site whose mask depends on other dims (another latent's
     value, a plate the site does not vary along) gets a leaf over the dims of both, so that
@@ -250,7 +250,7 @@ def _leaf(term: torch.Tensor, site: dict) -> torch.Tensor:
     if "_enumerate_symbol" in site["infer"] and isinstance(mask, torch.Tensor):
         broadcast = packed.broadcast_all(term, mask)[0]
         leaf, dims = broadcast.detach().clone(), broadcast._pyro_dims
-    leaf.requires_grad_()
+    leaf.requires_grad_(requires_grad)
     leaf._pyro_dims = dims
     return leaf
 
@@ -289,21 +289,43 @@ def e_step(model: Callable, args: tuple, kwargs: Dict[str, Any], first_available
     """
     with torch.no_grad():  # the E-step needs no graph from the parameters to the terms
         trace = trace_model(model, args, kwargs, first_available_dim, subsample=subsample)
-    leaves = OrderedDict((name, _leaf(t, trace.nodes[name])) for name, t in site_terms(trace).items())
-    with torch.enable_grad():
-        log_z, scale = log_marginal(trace, leaves, temperature)
-        if not torch.isfinite(log_z):
-            raise ValueError(explain_bad_log_z(trace, leaves, log_z))
-        if log_z.requires_grad:
-            grads = torch.autograd.grad(log_z, list(leaves.values()), allow_unused=True)
-        else:  # every site is masked out
-            grads = [None] * len(leaves)
+    transformed = torch._C._functorch.maybe_current_level() is not None  # (runs stepped together)
+    leaves = OrderedDict((name, _leaf(t, trace.nodes[name], not transformed)) for name, t in site_terms(trace).items())
+    if transformed:  # autograd's leaves cannot be made there: torch.func's reverse pass
+        log_z, scale, grads = _vjp_log_marginal(trace, leaves, temperature)
+    else:
+        with torch.enable_grad():
+            log_z, scale = log_marginal(trace, leaves, temperature)
+            if not torch.isfinite(log_z):
+                raise ValueError(explain_bad_log_z(trace, leaves, log_z))
+            if log_z.requires_grad:
+                grads = torch.autograd.grad(log_z, list(leaves.values()), allow_unused=True)
+            else:  # every site is masked out
+                grads = [None] * len(leaves)
     weights = {}
     for (name, leaf), g in zip(leaves.items(), grads):
         w = torch.zeros_like(leaf) if g is None else g
         w._pyro_dims = leaf._pyro_dims
         weights[name] = w
     return EStep(log_z.detach(), trace, weights, scale)
+
+
+def _vjp_log_marginal(trace: Trace, leaves: "OrderedDict[str, torch.Tensor]", temperature: int):
+    """``log Z``, its scale and its gradient in each leaf, by :func:`torch.func.vjp` (inside a
+    functorch transform: :func:`torch.func.vmap` over runs, :mod:`pyro_em.batched`)."""
+    names = list(leaves)
+
+    def marginal(*values):
+        for value, leaf in zip(values, leaves.values()):
+            value._pyro_dims = leaf._pyro_dims
+        log_z, scale = log_marginal(trace, OrderedDict(zip(names, values)), temperature)
+        return log_z, scale
+
+    with torch.enable_grad():
+        log_z, pullback, scale = torch.func.vjp(marginal, *leaves.values(), has_aux=True)
+    if not torch.isfinite(log_z):
+        raise ValueError(explain_bad_log_z(trace, leaves, log_z))
+    return log_z, scale, pullback(torch.ones_like(log_z))
 
 
 def expected_log_joint(estep: EStep, trace: Trace) -> torch.Tensor:

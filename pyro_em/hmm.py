@@ -166,8 +166,8 @@ def _forward(initial: torch.Tensor, trans: torch.Tensor, obs: torch.Tensor, algo
         # The first step from the initial distribution before it is broadcast: K rows, not one
         # per sequence.
         a = _matmul(first, step[0]) * b[0] if t == 0 else _matmul(alphas[t], step[t]).mul_(b[t])
-        torch.sum(a, -1, out=scales[t])
-        torch.div(a, scales[t].unsqueeze(-1), out=alphas[t + 1])
+        scales[t] = a.sum(-1)  # (assignments, not out=: vmap runs restarts through them)
+        alphas[t + 1] = a / scales[t].unsqueeze(-1)
     log_z = scales.log().sum(0) + shift.sum(-1)
     return _Forward(alphas, scales, log_z, b, probs, first)
 
@@ -218,7 +218,7 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, obs: torch.Tens
     b = obs.new_ones((C * L, S, K))  # padded steps: b = 1
     flat_obs = obs.expand(batch + (T, K)).reshape(S, T, K)
     flat_shift = shift.expand(batch + (T,)).reshape(S, T, 1)
-    torch.sub(flat_obs, flat_shift, out=b[:T].transpose(0, 1))
+    b[:T] = (flat_obs - flat_shift).transpose(0, 1)
     _exp_flushed(b[:T])
     steps = probs.reshape(probs.shape[-3:])  # (T or 1, K, K): _algorithm checked no batch dims
     # Padded steps change nothing: their b is one, their transition the identity, or the one
@@ -226,8 +226,7 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, obs: torch.Tens
     if steps.shape[0] == 1:
         A = steps[0]
     else:
-        A = torch.eye(K, dtype=obs.dtype, device=obs.device).repeat(C * L, 1, 1)
-        A[:T] = steps
+        A = torch.cat([steps, torch.eye(K, dtype=obs.dtype, device=obs.device).expand(C * L - T, K, K)])
         A = A.unflatten(0, (C, L)).transpose(0, 1).contiguous()  # (L, C, K, K)
     # P[c, j, s, i] is entry (i, j) of block c's product for sequence s: a step left-multiplies
     # it by A_t^T, one matrix product over long rows, then scales row j by b_t[j].
@@ -241,14 +240,16 @@ def _forward_blocked(initial: torch.Tensor, probs: torch.Tensor, obs: torch.Tens
     starts[0] = initial.expand(batch + (K,)).reshape(S, K)
     for c in range(C - 1):
         v = (P[c] * starts[c]).sum(-1).T
-        torch.div(v, v.sum(-1, keepdim=True), out=starts[c + 1])
+        starts[c + 1] = v / v.sum(-1, keepdim=True)
     alphas, scales = obs.new_empty((C * L + 1, S, K)), obs.new_empty((C * L, S))
     alphas[0] = starts[0]
     alpha = starts
     for l in range(L):
         a = _block_matmul(alpha, A, l).mul_(blocks.step(b, l))
-        scale = torch.sum(a, -1, out=blocks.step(scales, l))
-        alpha = torch.div(a, scale.unsqueeze(-1), out=blocks.step(alphas[1:], l))
+        scale = blocks.step(scales, l)
+        scale[...] = a.sum(-1)
+        alpha = blocks.step(alphas[1:], l)
+        alpha[...] = a / scale.unsqueeze(-1)
     log_z = scales[:T].log().sum(0).view(batch) + shift.sum(-1)
     blocked = _Blocked(blocks, A, P, starts, b, scales)
     view = lambda x, n: x[:n].view((n,) + batch + x.shape[2:])  # noqa: E731
@@ -275,7 +276,7 @@ def _backward_blocked(fwd: _Forward) -> Tuple[torch.Tensor, torch.Tensor]:
     ends[-1] = 1
     for c in range(blocks.C - 1, 0, -1):
         w = (P[c] * ends[c].T.unsqueeze(-1)).sum(0)
-        torch.div(w, (starts[c] * w).sum(-1, keepdim=True), out=ends[c - 1])
+        ends[c - 1] = w / (starts[c] * w).sum(-1, keepdim=True)
     b_beta = b.div_(scales.unsqueeze(-1))  # b is not needed again
     beta = ends
     for l in range(blocks.L - 1, -1, -1):

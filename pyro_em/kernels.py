@@ -118,7 +118,7 @@ def _mvn_log_prob(fn: td.MultivariateNormal, value: torch.Tensor) -> Optional[to
     # Mahalanobis distances, one component at a time: |L^-1 x - L^-1 loc|^2, the squares summed
     # over the D rows by a matrix-vector product.
     half = torch.full((D,), -0.5, dtype=L.dtype, device=L.device)
-    maha = [half @ torch.addmm(-shift[b].unsqueeze(-1), precision_tril[b], xt).square_() for b in range(blocks)]
+    maha = [half @ torch.addmm(-shift[b].unsqueeze(-1), precision_tril[b], xt).pow_(2) for b in range(blocks)]
     const = -L.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
     return _arrange(maha, const, comp_last, batch)
 
@@ -222,7 +222,7 @@ def _diagonal_normal_log_prob(fn: td.Independent, value: torch.Tensor) -> Option
     blocks = loc.shape[0]
     x = value.reshape(-1, D).to(torch.promote_types(loc.dtype, value.dtype))
     inv = scale.reciprocal()
-    maha = [((x - loc[b]) * inv[b]).square_().sum(-1).mul_(-0.5) for b in range(blocks)]
+    maha = [((x - loc[b]) * inv[b]).pow_(2).sum(-1).mul_(-0.5) for b in range(blocks)]
     const = -scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
     return _arrange(maha, const, comp_last, batch)
 

@@ -64,8 +64,7 @@ class OnlineEM(EM):
         """The number of steps taken since the last :meth:`reset`."""
         self._online = Online()
 
-    def _new_run(self) -> None:
-        super()._new_run()
+    def _start_run(self) -> None:
         self.reset()
 
     @_accepts_numpy

@@ -21,50 +21,102 @@ class SymmetryWarning(CollapseWarning):
     latent) with the same posterior everywhere, as when they start with equal params."""
 
 
-def fit_restarts(fit_once: Callable[[], Any], final_loss: Callable[[], float], new_run: Callable[[], None],
-                 names: List[str], args: tuple, kwargs: dict, n_init: int, init: Optional[Callable]) -> Any:
-    """``n_init`` fits, each from the params ``names`` (the model's, MAP values included)
-    removed from the store and ``init`` called with the model's arguments; the best final
-    loss stays in the store (see :meth:`EM.fit`).
+def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Callable], fit_kwargs: dict) -> Any:
+    """``n_init`` fits of ``em``'s model, each from a start of its own: the model's params (MAP
+    values included) removed from the store, ``init`` called with the model's arguments, and
+    the params the model then creates; the best final loss stays in the store (see
+    :meth:`EM.fit`). The runs share one plan; where they can, they step together
+    (:mod:`pyro_em.batched`), else one after another.
 
-    :param fit_once: one fit from the params in the store; returns its ``EMResult``.
-    :param final_loss: the loss at the params in the store.
-    :param new_run: called before each run (the params will be new objects).
+    :param fit_kwargs: :meth:`EM.fit`'s ``max_iter``, ``tol``, ``progress`` and ``callback``.
     :returns: the best run's ``EMResult``, with ``run_losses`` and ``best_run``.
     """
+    from . import batched, distributed
+
     if isinstance(n_init, bool) or not isinstance(n_init, numbers.Integral) or n_init < 1:
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     if init is not None and not callable(init):
         raise TypeError(f"init must be a callable taking the model's arguments, got {type(init).__name__}.")
+    planner = em._planner
+    trace = planner.probe_trace(args, kwargs)  # (creates the params)
+    names = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    starts = _starts(planner, names, args, kwargs, int(n_init), init)
     store = pyro.get_param_store()
-    best, best_loss, best_values, finals, error = None, math.inf, None, [], None
-    for run in range(int(n_init)):
+    leaves = [store._params[name] for name in names]
+    why = "one run" if n_init == 1 else None
+    if why is None and fit_kwargs["callback"] is not None:
+        why = "fit(..., callback=...) reads each run's params"
+    if why is None and em.accelerate is not None:
+        why = "accelerate='squarem' extrapolates each run's own steps"
+    if why is None and em._online is not None:
+        why = "stepwise EM blends each run's own statistics"
+    if why is None and distributed.active():
+        why = "a torch.distributed group steps one run at a time"
+    if why is None:
+        why = batched.unbatchable(planner.planned(args, kwargs), names)
+    if why is None:
+        results, finals, finals_values = batched.fit_together(
+            em, planner.latest, names, starts, args, kwargs, fit_kwargs["max_iter"], fit_kwargs["tol"],
+            fit_kwargs["progress"])
+    else:
+        results, finals, finals_values = [], [], [torch.stack([s[name] for s in starts]) for name in names]
+        for r, start in enumerate(starts):
+            batched.set_run(leaves, finals_values, r)
+            em._start_run()
+            try:
+                results.append(em._fit_once(args, kwargs, **fit_kwargs))
+                finals.append(em.evaluate_loss(*args, **kwargs))
+            except ValueError as e:  # e.g. a component collapsed in this run: try the others
+                warnings.warn(f"EM run {r} of {n_init} failed: {e}", RuntimeWarning, stacklevel=3)
+                results.append(e)
+                finals.append(math.inf)
+                continue
+            with torch.no_grad():
+                for leaf, v in zip(leaves, finals_values):
+                    v[r] = leaf
+    if all(math.isinf(f) and f > 0 for f in finals):
+        raise next((e for e in results if isinstance(e, Exception)), None) or ValueError("every EM run failed.")
+    best_run = finals.index(min(finals))
+    batched.set_run(leaves, finals_values, best_run)
+    best = results[best_run]
+    best.run_losses, best.best_run = finals, best_run
+    best.restarts = "stepped together" if why is None else f"one after another: {why}"
+    return best
+
+
+def _starts(planner, names: List[str], args: tuple, kwargs: dict, n: int, init: Optional[Callable]) -> List[Dict[str, torch.Tensor]]:
+    """Each run's start, ``{param: unconstrained value}``: the params removed from the store,
+    ``init`` called, and the model run once to create the rest (as a fit from an empty store
+    would). The store then holds new params with the first run's values (the runs share them:
+    a run's values are copied in)."""
+    store = pyro.get_param_store()
+    starts, constraints_ = [], {}
+    for run in range(n):
         for name in names:
             if name in store:
                 del store[name]
-        new_run()
+        planner.new_run()
         if init is not None:
             init(*args, **kwargs)
-        try:
-            result = fit_once()
-            final = final_loss()
-        except ValueError as e:  # e.g. a component collapsed in this run: try the others
-            warnings.warn(f"EM run {run} of {n_init} failed: {e}", RuntimeWarning, stacklevel=3)
-            finals.append(math.inf)
-            error = e
-            continue
-        finals.append(final)
-        if best is None or final < best_loss:
-            best, best_loss = result, final
-            best_values = {n: (store[n].detach().clone(), store._constraints[n]) for n in names if n in store}
-    if best is None:
-        raise error
-    for name, (value, constraint) in best_values.items():
-        if name in store:
-            del store[name]
-        store.setdefault(name, value, constraint)
-    best.run_losses, best.best_run = finals, finals.index(min(finals))
-    return best
+        planner.probe_trace(args, kwargs)
+        start = {}
+        for name in names:
+            if name not in store:
+                raise ValueError(f"Param '{name}' was not created in run {run}: the model must create the same params in every run.")
+            start[name] = store._params[name].detach().clone()
+            constraints_[name] = store._constraints[name]
+            if starts and start[name].shape != starts[0][name].shape:
+                raise ValueError(
+                    f"Param '{name}' starts with shape {tuple(start[name].shape)} in run {run} but "
+                    f"{tuple(starts[0][name].shape)} in run 0: every run of a fit has the same shapes (check init).")
+        starts.append(start)
+    for name in names:  # (new tensors: a start may share memory with the user's data)
+        old = store._params.pop(name)
+        store._param_to_name.pop(old, None)
+        leaf = starts[0][name].clone().requires_grad_()
+        store._params[name], store._param_to_name[leaf] = leaf, name
+    planner.new_run()
+    return starts
 
 
 def warn_collapsed(names, reg_covar: float, posterior: Optional[Callable[[], Dict[str, torch.Tensor]]] = None) -> None:

@@ -566,7 +566,7 @@ class NormalScaleRule(Rule):
         loc = ctx.current("loc")
         deviation = ctx.value - loc
         return {
-            "ss": ctx.pool(ctx.weight, deviation.square_() if deviation.is_floating_point() else deviation**2),
+            "ss": ctx.pool(ctx.weight, deviation.pow_(2) if deviation.is_floating_point() else deviation**2),
             "w": ctx.pool(ctx.weight, torch.ones_like(ctx.value)),
             # (the squared means, for the round-off floor of the variance: a statistic, so that
             # the solve reads nothing of one batch's tensors)

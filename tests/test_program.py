@@ -390,8 +390,9 @@ def test_new_tensors_each_step_run_graphs_shared_by_their_shapes(how, monkeypatc
 
 
 def test_restarts_keep_their_graphs(monkeypatch):
-    """fit(n_init=3): the step is captured once, and each restart's graph run is checked again
-    against Python (new params); the runs equal those of jit=False."""
+    """fit(n_init=3) with runs one after another (a callback reads each run's params): the
+    step is captured once, and each restart's graph run is checked again against Python (new
+    values); the runs equal those of jit=False."""
     model, X = gmm("full")
     captures, capture = [], program._capture
     monkeypatch.setattr(program, "_capture", lambda *a: captures.append(1) or capture(*a))
@@ -401,7 +402,9 @@ def test_restarts_keep_their_graphs(monkeypatch):
         pyro.set_rng_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            results[jit] = EM(model, reg_covar=1e-3, jit=jit).fit(X, n_init=3, max_iter=10).run_losses
+            result = EM(model, reg_covar=1e-3, jit=jit).fit(X, n_init=3, max_iter=10, callback=lambda i, loss: None)
+        assert result.restarts.startswith("one after another")
+        results[jit] = result.run_losses
     assert len(captures) == 1
     assert results[True] == pytest.approx(results[False], rel=1e-10)
 

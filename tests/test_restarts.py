@@ -1,7 +1,9 @@
 """Initialization and restarts: EM finds local optima; restarts keep the best run, reproducibly,
 and a collapsed component is reported."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -99,3 +101,141 @@ def test_restart_arguments():
         EM(model).fit(data(), n_init=0)
     with pytest.raises(TypeError, match="init must be a callable"):
         EM(model).fit(data(), init=3)
+
+
+# ---- runs stepped together (pyro_em.batched) ----------------------------------------------
+
+
+def _random_tables(data):
+    """Each run's tables of the enumeration tutorial's HMM, drawn."""
+    for name, shape in (("transition", (3, 3)), ("emission", (3, 4))):
+        pyro.param(name, dist.Dirichlet(torch.ones(shape)).sample(), constraint=constraints.simplex)
+
+
+def _earthquakes():
+    """Zucchini and MacDonald's earthquake counts and 3-state Poisson HMM, as benchmarks/
+    bench_small.py fits them; each run draws its rates."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from bench_small import EARTHQUAKES, poisson_hmm
+    finally:
+        sys.path.pop(0)
+
+    def init(counts):
+        pyro.param("rates", 5 + 30 * torch.rand(3), constraint=constraints.positive)
+
+    return poisson_hmm, (torch.tensor(EARTHQUAKES, dtype=torch.float64),), {}, init
+
+
+def _together_cases():
+    from pyro.infer.autoguide import init_to_sample
+
+    import pyro_models as pm
+
+    sequences, lengths, args = pm.polyphonic()
+    hmm_data = torch.randint(0, 4, (30,), generator=torch.Generator().manual_seed(1))
+    return {
+        # (model, args, EM options, init)
+        "full-covariance mixture": (model, (data(),), {"reg_covar": 1e-6}, None),
+        "full-covariance mixture, traced (jit=False)": (model, (data(),), {"reg_covar": 1e-6, "jit": False}, None),
+        "earthquake Poisson HMM": _earthquakes(),
+        "examples/hmm.py model 3 (factorial, traced)": (pm.hmm_3, (sequences, lengths, args), {"init_loc_fn": init_to_sample, "map_space": "unconstrained"}, None),
+        "enumeration tutorial HMM (MAP Dirichlet)": (pm.enumeration_hmm, (hmm_data, 4), {"init_loc_fn": init_to_sample, "map_space": "unconstrained"}, None),
+        "examples/hmm.py model 1 (sequences that end)": (pm.hmm_1, (sequences, lengths, args), {"init_loc_fn": init_to_sample, "map_space": "unconstrained"}, None),
+        "enumeration tutorial HMM (params)": (pm.param_hmm, (hmm_data,), {}, _random_tables),
+    }
+
+
+@pytest.mark.jit_only  # (the cases say how they step: fused, traced, jit=False)
+@pytest.mark.parametrize("case", sorted(_together_cases()))
+def test_runs_stepped_together_are_the_runs_one_after_another(case):
+    """fit(n_init=5) steps the runs together (one program over a leading run dim, fused or
+    traced E-steps): every run's final loss, the best run, its losses and the fitted params
+    equal those of the runs one after another (a callback makes them so) to round-off."""
+    fitted, args, options, init = _together_cases()[case]
+    out = {}
+    for apart in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = EM(fitted, **options).fit(*args, n_init=5, init=init, max_iter=60, tol=1e-9,
+                                              callback=(lambda i, loss: None) if apart else None)
+        out[apart] = result, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    (together, params), (alone, reference) = out[False], out[True]
+    assert together.restarts == "stepped together" and alone.restarts.startswith("one after another")
+    assert len(set(alone.run_losses)) > 1  # (the starts differ)
+    assert together.run_losses == pytest.approx(alone.run_losses, rel=1e-10)
+    first, second = sorted(alone.run_losses)[:2]
+    if second - first <= 1e-9 * abs(first):
+        return  # (two runs reached the same optimum: which is best is round-off's choice)
+    assert together.best_run == alone.best_run and together.n_iter == together.n_e_steps == alone.n_iter
+    assert together.losses == pytest.approx(alone.losses, rel=1e-10)
+    assert together.converged == alone.converged
+    for name, value in reference.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-8, atol=1e-10)
+
+
+def test_a_run_that_fails_stepped_together_fails_as_it_would_alone():
+    """A run whose component collapses onto one point (no reg_covar) fails at the step where
+    it would alone, with the same warning, and the others go on: the runs' steps differ in what
+    Python reads, so that step runs each run on its own."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.randn(30, generator=g), 5 + torch.randn(30, generator=g), torch.tensor([40.0])])
+    starts = iter([[-0.5, 5.5], [0.0, 40.0], [0.5, 4.5]] * 2)
+
+    def mixture(X):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.zeros(2))
+        scale = pyro.param("scale", torch.ones(2), constraint=constraints.positive)
+        with pyro.plate("data", len(X)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], scale[z]), obs=X)
+
+    def init(X):
+        pyro.param("locs", torch.tensor(next(starts)))
+
+    out = {}
+    for apart in (False, True):
+        pyro.clear_param_store()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[apart] = EM(mixture).fit(X, n_init=3, init=init, max_iter=50,
+                                         callback=(lambda i, loss: None) if apart else None)
+        failures = [str(w.message) for w in caught if "failed" in str(w.message)]
+        assert failures == ["EM run 1 of 3 failed: The closed-form update of param 'scale' collapsed at slot(s) [1]: "
+                            "a variance is zero up to round-off" + failures[0].split("round-off", 1)[1]]
+    assert out[False].restarts == "stepped together"
+    assert out[False].run_losses[1] == out[True].run_losses[1] == float("inf")
+    assert out[False].run_losses == pytest.approx(out[True].run_losses, rel=1e-10)
+
+
+def test_reads_of_runs_stepped_together():
+    """Python's reads inside the runs' step: the value where the runs agree, Diverged where
+    they differ."""
+    from pyro_em.batched import Diverged, _Reads
+
+    def branch(x):
+        with _Reads():
+            return x * 2 if bool((x > 0).all()) else x - float(x.sum() * 0)
+
+    torch.testing.assert_close(torch.func.vmap(branch)(torch.ones(3, 2)), 2 * torch.ones(3, 2))
+    with pytest.raises(Diverged, match="different values"):
+        torch.func.vmap(branch)(torch.tensor([[1.0, 1.0], [-1.0, 1.0]]))
+
+
+def test_runs_that_cannot_step_together_say_why():
+    """A param without a closed form: the runs run one after another, and the result says why."""
+
+    def softplus_scale(X):
+        w = pyro.param("w", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", lambda: torch.randn(2))
+        raw = pyro.param("raw", torch.zeros(()))
+        with pyro.plate("data", len(X)):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(locs[z], torch.nn.functional.softplus(raw)), obs=X)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = EM(softplus_scale).fit(torch.randn(40), n_init=2, max_iter=5)
+    assert result.restarts == "one after another: param 'raw' takes the gradient M-step"
