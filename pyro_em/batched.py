@@ -6,8 +6,8 @@ runs the closed-form stage of all of them (E-step, statistics, solves; the same 
 run's step, :mod:`pyro_em.iteration`) as one: each tensor operation covers the R runs at once,
 and the Python around the operations (the plan, the rules, a chain's forward-backward
 recursion) runs once per step instead of R times. A step of 10 runs of a small mixture takes
-about 1.5 times one run's; on a GPU, whose kernels a small problem leaves mostly idle, R runs
-cost about what one does.
+about 1.5 times one run's (iris, 2 CPU threads); on a GPU, whose kernels a small problem
+leaves mostly idle, R runs should cost about what one does.
 
 What keeps each run the fit it would be alone:
 
