@@ -27,8 +27,10 @@ def test_small_problems_benchmark_runs_and_both_reach_the_same_optimum():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("iris", "earthquake"))]
-    assert len(rows) == 2
-    for row in rows:
+    assert len(rows) == 2 and all(row.count("x)") == 4 for row in rows)  # (four figures each)
+    likelihoods = [line for line in proc.stdout.splitlines() if "log-likelihood peer / pyro_em" in line]
+    assert len(likelihoods) == 2
+    for row in likelihoods:
         peer, ours = row.split()[-3], row.split()[-1]
         assert peer == ours  # the same log-likelihood to 4 decimals
 
