@@ -45,6 +45,12 @@ from .planner import PlannedBatch, Planner, rollback_new_params
 _functorch = torch._C._functorch
 
 
+#: The fewest runs stepped together: a vmapped step costs about 2.3 steps of one run in Python
+#: (the batching and the reads add about 6 us to each operation; iris, earthquake HMM), so one
+#: or two runs left step on their own (``benchmarks/bench_small.py``).
+MIN_TOGETHER = 3
+
+
 class Diverged(Exception):
     """The runs stepped together read different values (their Python would branch apart)."""
 
@@ -159,7 +165,7 @@ def fit_together(em, planned: PlannedBatch, names: List[str], starts: List[Dict[
     with progress_bar(max_iter, progress, type(em).__name__) as bar:
         for i in range(max_iter):
             new, log_z = None, None
-            if together:
+            if together and len(active) >= MIN_TOGETHER:
                 index = torch.tensor(active, device=values[0].device)
                 try:
                     with rollback_new_params(), algorithm(settings.hmm_algorithm):

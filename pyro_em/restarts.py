@@ -44,6 +44,8 @@ def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Call
     store = pyro.get_param_store()
     leaves = [store._params[name] for name in names]
     why = "one run" if n_init == 1 else None
+    if why is None and n_init < batched.MIN_TOGETHER:
+        why = f"{n_init} runs cost less one after another than stepped together"
     if why is None and fit_kwargs["callback"] is not None:
         why = "fit(..., callback=...) reads each run's params"
     if why is None and em.accelerate is not None:

@@ -237,5 +237,9 @@ def test_runs_that_cannot_step_together_say_why():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = EM(softplus_scale).fit(torch.randn(40), n_init=2, max_iter=5)
+        result = EM(softplus_scale).fit(torch.randn(40), n_init=3, max_iter=5)
     assert result.restarts == "one after another: param 'raw' takes the gradient M-step"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two = EM(model).fit(data(), n_init=2, max_iter=5)
+    assert two.restarts == "one after another: 2 runs cost less one after another than stepped together"
