@@ -239,6 +239,7 @@ def test_runs_that_cannot_step_together_say_why():
         warnings.simplefilter("ignore")
         result = EM(softplus_scale).fit(torch.randn(40), n_init=3, max_iter=5)
     assert result.restarts == "one after another: param 'raw' takes the gradient M-step"
+    pyro.clear_param_store()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         two = EM(model).fit(data(), n_init=2, max_iter=5)
