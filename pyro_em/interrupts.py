@@ -8,7 +8,8 @@ import. Two mechanisms keep the process whole:
 
 * :func:`guarded` wraps each public call of :class:`~pyro_em.EM`: on any exception it puts back
   what the call may have left changed, the state of Pyro's effect-handler stack and plate
-  allocator, PyTorch's grad mode and dispatch-mode stack, Pyro's and PyTorch's validation
+  allocator, PyTorch's grad mode, its dispatch- and function-mode stacks and functorch's
+  transform levels (vmap over runs stepped together), Pyro's and PyTorch's validation
   switches, and the modules of a package whose import it cut short. (The param store is the
   step's own transaction, :mod:`pyro_em.iteration`.)
 * :func:`deferred` holds ``SIGINT`` back around work that must not be cut (capturing a graph
@@ -44,6 +45,8 @@ class _Snapshot:
         self.enum_maps = {k: dict(v) for k, v in vars(enum).items() if isinstance(v, dict)}
         self.grad = torch.is_grad_enabled()
         self.modes = torch._C._len_torch_dispatch_stack()
+        self.function_modes = torch._C._len_torch_function_stack()
+        self.layers = torch._C._functorch.get_dynamic_layer_stack_depth()  # (vmap, vjp: runs stepped together)
         self.validation = (infer_util._VALIDATION_ENABLED, poutine_util._VALIDATION_ENABLED,
                            dist_util._VALIDATION_ENABLED, torch.distributions.Distribution._validate_args)
         self.memo = memo._MEMO.get()
@@ -57,6 +60,10 @@ class _Snapshot:
         vars(enum).update({k: dict(v) for k, v in self.enum_maps.items()})
         while torch._C._len_torch_dispatch_stack() > self.modes:
             torch._C._pop_torch_dispatch_stack()
+        while torch._C._len_torch_function_stack() > self.function_modes:
+            torch._C._pop_torch_function_stack()
+        if torch._C._functorch.get_dynamic_layer_stack_depth() > self.layers:
+            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(self.layers)
         torch.set_grad_enabled(self.grad)
         (infer_util._VALIDATION_ENABLED, poutine_util._VALIDATION_ENABLED, dist_util._VALIDATION_ENABLED,
          torch.distributions.Distribution._validate_args) = self.validation

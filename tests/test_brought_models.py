@@ -18,6 +18,7 @@ Sources (rewritten here in the authors' structure, on small synthetic data):
 """
 
 import signal
+import warnings
 
 import numpy as np
 import pyro
@@ -410,6 +411,7 @@ def _usable(model, data):
 
     assert not _PYRO_STACK and not any(_DIM_ALLOCATOR._stack)
     assert torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
+    assert torch._C._len_torch_function_stack() == 0 and torch._C._functorch.get_dynamic_layer_stack_depth() == 0
     pyro.clear_param_store()
     em = EM(model)
     em.step(data)
@@ -510,6 +512,53 @@ def _assert_one_step(model, data, before, after, delay):
     EM(model).step(data)
     for k, v in store().items():
         torch.testing.assert_close(after[k], v, rtol=1e-9, atol=1e-12, msg=f"{delay}, {k}")
+
+
+@pytest.mark.parametrize("case", ["gmm", "markov"])  # (closed-form models: their runs step together)
+def test_ctrl_c_in_runs_stepped_together(case):
+    """SIGINT from a timer at times spread over fit(n_init=4), whose runs step together inside
+    torch.func.vmap and a function mode: always a KeyboardInterrupt, no vmap level or mode
+    left behind, and the process usable."""
+    import time
+
+    model, make = CASES[case]
+    data = make(torch.Generator().manual_seed(0))
+
+    def fit():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return EM(model).fit(data, n_init=4, max_iter=8)
+
+    pyro.clear_param_store()
+    start = time.perf_counter()
+    assert fit().restarts == "stepped together"
+    span = time.perf_counter() - start
+    previous = signal.signal(signal.SIGALRM, lambda *a: signal.raise_signal(signal.SIGINT))
+    try:
+        for delay in np.linspace(0.05, 0.95, 6) * span:
+            pyro.clear_param_store()
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            try:
+                fit()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            _usable(model, data)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_transform_level_left_by_an_interrupt_is_undone():
+    """An interrupt between functorch's push of a vmap level and the try that pops it (where
+    its own unwinding never reaches) is undone by the guard of every public call."""
+    from pyro_em.interrupts import guarded
+
+    with pytest.raises(KeyboardInterrupt), guarded():
+        torch._C._functorch._vmap_increment_nesting(2, "error")
+        torch._C._push_on_torch_function_stack(torch.overrides.TorchFunctionMode())
+        raise KeyboardInterrupt
+    assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0 and torch._C._len_torch_function_stack() == 0
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
