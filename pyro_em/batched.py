@@ -40,7 +40,7 @@ from .hmm import algorithm
 from .interrupts import deferred
 from .iteration import Settings, _Iteration
 from .loop import RunTracker, logger, progress_bar
-from .planner import PlannedBatch, Planner, rollback_new_params
+from .planner import PlannedBatch, Planner, batch_tensors, rollback_new_params
 
 _functorch = torch._C._functorch
 
@@ -49,6 +49,25 @@ _functorch = torch._C._functorch
 #: (the batching and the reads add about 6 us to each operation; iris, earthquake HMM), so one
 #: or two runs left step on their own (``benchmarks/bench_small.py``).
 MIN_TOGETHER = 3
+
+
+#: The data elements (summed over the runs of a group) that a step of runs together may touch:
+#: a vmapped step holds every run's E-step at once, so runs on large data step in groups, and
+#: one after another where a group would be smaller than :data:`MIN_TOGETHER` (there the step
+#: is arithmetic, which batching does not save, and memory grows with the runs).
+MAX_TOGETHER_ELEMENTS = 1 << 22
+
+
+def group_size(planned: PlannedBatch) -> int:
+    """The most runs of this batch that step together (see :data:`MAX_TOGETHER_ELEMENTS`)."""
+    elements = sum(t.numel() for t in batch_tensors(planned))
+    return max(1, MAX_TOGETHER_ELEMENTS // max(1, elements))
+
+
+def _groups(runs: List[int], size: int) -> List[List[int]]:
+    """``runs`` cut into as few groups of at most ``size`` as can be, of about equal sizes."""
+    n = -(-len(runs) // size)
+    return [runs[j * len(runs) // n:(j + 1) * len(runs) // n] for j in range(n)]
 
 
 class Diverged(Exception):
@@ -161,32 +180,37 @@ def fit_together(em, planned: PlannedBatch, names: List[str], starts: List[Dict[
     failed: Dict[int, Exception] = {}
     active = list(range(R))
     step = RunsStep(planner, settings, planned, names)
-    together = True
+    together, size = True, group_size(planned)
     with progress_bar(max_iter, progress, type(em).__name__) as bar:
         for i in range(max_iter):
-            new, log_z = None, None
-            if together and len(active) >= MIN_TOGETHER:
-                index = torch.tensor(active, device=values[0].device)
+            losses: Dict[int, float] = {}
+            alone: List[int] = []
+            for group in _groups(active, size):
+                if not together or len(group) < MIN_TOGETHER:
+                    alone += group
+                    continue
+                index = torch.tensor(group, device=values[0].device)
                 try:
                     with rollback_new_params(), algorithm(settings.hmm_algorithm):
                         new, log_z = step([v.index_select(0, index) for v in values])
                 except Diverged:
-                    pass
+                    alone += group
+                    continue
                 except Exception as e:  # noqa: BLE001 (vmap cannot batch it: each run alone)
                     together = False
+                    alone += group
                     logger.info("runs step one by one from iteration %d: %s: %s", i, type(e).__name__, e)
-            losses: Dict[int, float] = {}
-            alone = active
-            if new is not None:
+                    continue
                 ok = torch.isfinite(log_z)
                 for v in new:
                     ok &= ~(v.isnan() | (v == math.inf)).flatten(1).any(1)
-                for k, (r, loss, good) in enumerate(zip(active, (-log_z).tolist(), ok.tolist())):
+                for k, (r, loss, good) in enumerate(zip(group, (-log_z).tolist(), ok.tolist())):
                     if good:
                         losses[r] = loss
                         for v, n in zip(values, new):
                             v[r] = n[k]
-                alone = [r for r in active if r not in losses]  # (its own step says what went wrong)
+                    else:  # (its own step says what went wrong)
+                        alone.append(r)
             for r in alone:
                 loss = _step_alone(em, leaves, values, r, args, kwargs, failed, R)
                 if loss is not None:
@@ -199,8 +223,6 @@ def fit_together(em, planned: PlannedBatch, names: List[str], starts: List[Dict[
             bar.update()
             if not active:
                 break
-    for r in active:
-        trackers[r].result.converged = False
     results: List[Any] = []
     for r in range(R):
         if r in failed:
@@ -239,18 +261,19 @@ def _step_alone(em, leaves, values, r: int, args: tuple, kwargs: dict, failed: D
 def _final_losses(em, step: RunsStep, leaves, values, runs: List[int], args: tuple, kwargs: dict) -> Dict[int, float]:
     """Each run's loss at its final params (by one more stage of the runs together, or each
     run's :meth:`EM.evaluate_loss`)."""
-    if not runs:
-        return {}
-    index = torch.tensor(runs, device=values[0].device)
-    try:
-        with rollback_new_params(), algorithm(step.settings.hmm_algorithm):
-            log_z = step([v.index_select(0, index) for v in values])[1]
-        if bool(torch.isfinite(log_z).all()):
-            return dict(zip(runs, (-log_z).tolist()))
-    except Exception:  # noqa: BLE001 (each run alone says it)
-        pass
-    finals = {}
-    for r in runs:
-        set_run(leaves, values, r)
-        finals[r] = em.evaluate_loss(*args, **kwargs)
+    finals: Dict[int, float] = {}
+    for group in _groups(runs, group_size(step.planned)) if runs else []:
+        if len(group) >= MIN_TOGETHER:
+            index = torch.tensor(group, device=values[0].device)
+            try:
+                with rollback_new_params(), algorithm(step.settings.hmm_algorithm):
+                    log_z = step([v.index_select(0, index) for v in values])[1]
+                if bool(torch.isfinite(log_z).all()):
+                    finals.update(zip(group, (-log_z).tolist()))
+                    continue
+            except Exception:  # noqa: BLE001 (each run alone says it)
+                pass
+        for r in group:
+            set_run(leaves, values, r)
+            finals[r] = em.evaluate_loss(*args, **kwargs)
     return finals

@@ -56,6 +56,8 @@ def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Call
         why = "a torch.distributed group steps one run at a time"
     if why is None:
         why = batched.unbatchable(planner.planned(args, kwargs), names)
+    if why is None and batched.group_size(planner.latest) < batched.MIN_TOGETHER:
+        why = "the data are large (a step of runs together holds every run's E-step, and saves no arithmetic)"
     if why is None:
         results, finals, finals_values = batched.fit_together(
             em, planner.latest, names, starts, args, kwargs, fit_kwargs["max_iter"], fit_kwargs["tol"],

@@ -244,3 +244,21 @@ def test_runs_that_cannot_step_together_say_why():
         warnings.simplefilter("ignore")
         two = EM(model).fit(data(), n_init=2, max_iter=5)
     assert two.restarts == "one after another: 2 runs cost less one after another than stepped together"
+
+
+def test_runs_on_large_data_step_in_groups(monkeypatch):
+    """The runs step together in groups whose data elements stay under MAX_TOGETHER_ELEMENTS
+    (here 3 runs of 240), with the results of the runs one after another; where a group would
+    be smaller than MIN_TOGETHER, one after another, saying why."""
+    from pyro_em import batched
+
+    monkeypatch.setattr(batched, "MAX_TOGETHER_ELEMENTS", 3 * data().numel())
+    sizes, call = [], batched.RunsStep.__call__
+    monkeypatch.setattr(batched.RunsStep, "__call__", lambda self, values: sizes.append(len(values[0])) or call(self, values))
+    _, grouped = fit_restarts(3, n_init=6)
+    _, apart = fit_restarts(3, n_init=6, callback=lambda i, loss: None)
+    assert grouped.restarts == "stepped together" and sizes and max(sizes) == 3
+    assert grouped.run_losses == pytest.approx(apart.run_losses, rel=1e-10)
+    monkeypatch.setattr(batched, "MAX_TOGETHER_ELEMENTS", data().numel())
+    _, large = fit_restarts(3, n_init=6)
+    assert large.restarts.startswith("one after another: the data are large")
