@@ -10,6 +10,8 @@ import pyro
 import torch
 from torch.distributions import constraints
 
+from . import batched, distributed
+
 
 class CollapseWarning(UserWarning):
     """Warned after a fit in which a mixture weight went to (nearly) zero or a variance sits at
@@ -29,10 +31,8 @@ def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Call
     (:mod:`pyro_em.batched`), else one after another.
 
     :param fit_kwargs: :meth:`EM.fit`'s ``max_iter``, ``tol``, ``progress`` and ``callback``.
-    :returns: the best run's ``EMResult``, with ``run_losses`` and ``best_run``.
+    :returns: the best run's ``EMResult``, with ``run_losses``, ``best_run`` and ``restarts``.
     """
-    from . import batched, distributed
-
     if isinstance(n_init, bool) or not isinstance(n_init, numbers.Integral) or n_init < 1:
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     if init is not None and not callable(init):
@@ -43,29 +43,14 @@ def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Call
     starts = _starts(planner, names, args, kwargs, int(n_init), init)
     store = pyro.get_param_store()
     leaves = [store._params[name] for name in names]
-    why = "one run" if n_init == 1 else None
-    if why is None and n_init < batched.MIN_TOGETHER:
-        why = f"{n_init} runs cost less one after another than stepped together"
-    if why is None and fit_kwargs["callback"] is not None:
-        why = "fit(..., callback=...) reads each run's params"
-    if why is None and em.accelerate is not None:
-        why = "accelerate='squarem' extrapolates each run's own steps"
-    if why is None and em._online is not None:
-        why = "stepwise EM blends each run's own statistics"
-    if why is None and distributed.active():
-        why = "a torch.distributed group steps one run at a time"
+    why = _apart_because(em, args, kwargs, names, int(n_init), fit_kwargs["callback"])
     if why is None:
-        why = batched.unbatchable(planner.planned(args, kwargs), names)
-    if why is None and batched.group_size(planner.latest) < batched.MIN_TOGETHER:
-        why = "the data are large (a step of runs together holds every run's E-step, and saves no arithmetic)"
-    if why is None:
-        results, finals, finals_values = batched.fit_together(
-            em, planner.latest, names, starts, args, kwargs, fit_kwargs["max_iter"], fit_kwargs["tol"],
-            fit_kwargs["progress"])
+        results, finals, values = batched.fit_together(em, planner.latest, names, starts, args, kwargs,
+                                                       fit_kwargs["max_iter"], fit_kwargs["tol"], fit_kwargs["progress"])
     else:
-        results, finals, finals_values = [], [], [torch.stack([s[name] for s in starts]) for name in names]
-        for r, start in enumerate(starts):
-            batched.set_run(leaves, finals_values, r)
+        results, finals, values = [], [], [torch.stack([s[name] for s in starts]) for name in names]
+        for r in range(len(starts)):
+            batched.set_run(leaves, values, r)
             em._start_run()
             try:
                 results.append(em._fit_once(args, kwargs, **fit_kwargs))
@@ -76,16 +61,38 @@ def fit_restarts(em, args: tuple, kwargs: dict, n_init: int, init: Optional[Call
                 finals.append(math.inf)
                 continue
             with torch.no_grad():
-                for leaf, v in zip(leaves, finals_values):
+                for leaf, v in zip(leaves, values):
                     v[r] = leaf
-    if all(math.isinf(f) and f > 0 for f in finals):
-        raise next((e for e in results if isinstance(e, Exception)), None) or ValueError("every EM run failed.")
+    if all(f == math.inf for f in finals):
+        raise results[-1]  # (every run failed: each result is its error)
     best_run = finals.index(min(finals))
-    batched.set_run(leaves, finals_values, best_run)
+    batched.set_run(leaves, values, best_run)
     best = results[best_run]
     best.run_losses, best.best_run = finals, best_run
     best.restarts = "stepped together" if why is None else f"one after another: {why}"
     return best
+
+
+def _apart_because(em, args: tuple, kwargs: dict, names: List[str], n_init: int, callback) -> Optional[str]:
+    """Why the runs of this fit run one after another, or ``None`` where they step together
+    (planning the batch, with the store at the first run's start)."""
+    if n_init == 1:
+        return "one run"
+    if n_init < batched.MIN_TOGETHER:
+        return f"{n_init} runs cost less one after another than stepped together"
+    if callback is not None:
+        return "fit(..., callback=...) reads each run's params"
+    if em.accelerate is not None:
+        return "accelerate='squarem' extrapolates each run's own steps"
+    if em._online is not None:
+        return "stepwise EM blends each run's own statistics"
+    if distributed.active():
+        return "a torch.distributed group steps one run at a time"
+    planned = em._planner.planned(args, kwargs)
+    why = batched.unbatchable(planned, names)
+    if why is None and batched.group_size(planned) < batched.MIN_TOGETHER:
+        why = "the data are large (a step of runs together holds every run's E-step, and saves no arithmetic)"
+    return why
 
 
 def _starts(planner, names: List[str], args: tuple, kwargs: dict, n: int, init: Optional[Callable]) -> List[Dict[str, torch.Tensor]]:
@@ -94,7 +101,7 @@ def _starts(planner, names: List[str], args: tuple, kwargs: dict, n: int, init: 
     would). The store then holds new params with the first run's values (the runs share them:
     a run's values are copied in)."""
     store = pyro.get_param_store()
-    starts, constraints_ = [], {}
+    starts: List[Dict[str, torch.Tensor]] = []
     for run in range(n):
         for name in names:
             if name in store:
@@ -108,7 +115,6 @@ def _starts(planner, names: List[str], args: tuple, kwargs: dict, n: int, init: 
             if name not in store:
                 raise ValueError(f"Param '{name}' was not created in run {run}: the model must create the same params in every run.")
             start[name] = store._params[name].detach().clone()
-            constraints_[name] = store._constraints[name]
             if starts and start[name].shape != starts[0][name].shape:
                 raise ValueError(
                     f"Param '{name}' starts with shape {tuple(start[name].shape)} in run {run} but "
