@@ -109,7 +109,8 @@ def _starts(planner, names: List[str], args: tuple, kwargs: dict, n: int, init: 
         planner.new_run()
         if init is not None:
             init(*args, **kwargs)
-        planner.probe_trace(args, kwargs)
+        if any(name not in store for name in names):  # (the model creates the others)
+            planner.probe_trace(args, kwargs)
         start = {}
         for name in names:
             if name not in store:
