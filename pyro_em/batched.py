@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from . import memo
 from .hmm import algorithm
 from .interrupts import deferred
-from .iteration import Settings, _Iteration
+from .iteration import Settings, closed_form_stage
 from .loop import RunTracker, logger, progress_bar
 from .planner import PlannedBatch, Planner, batch_tensors, rollback_new_params
 
@@ -149,13 +149,10 @@ class RunsStep:
         store = pyro.get_param_store()
         saved = {name: store._params[name] for name in self.names}
         try:
-            store._params.update(zip(self.names, values))
-            params = {name: store._params[name] for name in self.names}
-            pb = self.planned
+            params = dict(zip(self.names, values))
+            store._params.update(params)
             with _Reads(), memo.scope({}):  # (nothing a run computed is kept for another)
-                iteration = _Iteration(self.planner, self.settings, pb, iter(()), [(pb.args, pb.kwargs)], params,
-                                       keep=True, online=None, cache=True)
-                new, log_z = iteration.closed_form()
+                new, log_z = closed_form_stage(self.planner, self.settings, self.planned, params)
                 unconstrained = [transform_to(store._constraints[name]).inv(new[name]) for name in self.names]
         finally:
             with deferred():
@@ -207,11 +204,12 @@ def fit_together(em, planned: PlannedBatch, names: List[str], starts: List[Dict[
                 ok = torch.isfinite(log_z)
                 for v in new:
                     ok &= ~(v.isnan() | (v == math.inf)).flatten(1).any(1)
-                for k, (r, loss, good) in enumerate(zip(group, (-log_z).tolist(), ok.tolist())):
+                kept = ok.nonzero().reshape(-1)
+                for v, n in zip(values, new):
+                    v.index_copy_(0, index.index_select(0, kept), n.index_select(0, kept))
+                for r, loss, good in zip(group, (-log_z).tolist(), ok.tolist()):
                     if good:
                         losses[r] = loss
-                        for v, n in zip(values, new):
-                            v[r] = n[k]
                     else:  # (its own step says what went wrong)
                         alone.append(r)
             for r in alone:

@@ -38,7 +38,7 @@ from ._validation import MAP_FLAG
 from .missing import MissingMultivariateNormal
 from .closed_form import MStepPlan, Use, components, distribution_args, solve_passes, unwrap
 from .estep import enum_symbols, packed_scale
-from .hmm import JointEmission, forward_backward
+from .hmm import JointEmission, forward_backward, hmm_log_prob
 from .rules import find_rule
 from .tracking import compact
 
@@ -68,6 +68,12 @@ class FusedChain:
         with torch.no_grad():
             observation = forward_backward(self.distribution(), self.values).observation
         return {name: observation[:, t] if self.plate else observation[0, t] for t, name in enumerate(self.states)}
+
+    def log_marginal(self) -> torch.Tensor:
+        """The loss's negative at the current params by one forward pass, without tracing the
+        model: the chain's log marginal likelihood plus the MAP sites' log prior densities."""
+        with torch.no_grad():
+            return hmm_log_prob(self.distribution(), self.values).sum() + self.prior_parts()[1]
 
     def prior_parts(self, counted: bool = True) -> Tuple[Dict[str, Dict[str, tuple]], float]:
         """Each MAP site's parts for the closed-form rules (its prior at the param's current

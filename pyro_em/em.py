@@ -315,6 +315,14 @@ class EM:
 
         :returns: the negative log marginal likelihood (plus negative log prior of MAP sites).
         """
+        chain = self._planner.fused_chain_of(args, kwargs) if self.temperature == 1 else None
+        if chain is not None:  # (one forward pass, no trace; a traced E-step names what fails)
+            try:
+                log_z = chain.log_marginal()
+            except (ValueError, RuntimeError, IndexError):
+                log_z = None
+            if log_z is not None and bool(torch.isfinite(log_z)):
+                return -float(log_z)
         return -float(self.e_step(*args, **kwargs).log_z)
 
     @_accepts_numpy

@@ -130,6 +130,15 @@ def run(planner: Planner, settings: Settings, batches: Iterable[Batch], keep: bo
     return result
 
 
+def closed_form_stage(planner: Planner, settings: Settings, planned: PlannedBatch,
+                      params: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """The closed-form stage of a step on one batch, all of the data (its E-step, statistics
+    and solves), without writing the store: the new values and ``log Z``."""
+    iteration = _Iteration(planner, settings, planned, iter(()), [(planned.args, planned.kwargs)], params,
+                           keep=True, online=None, cache=True)
+    return iteration.closed_form()
+
+
 def _plan_first(planner: Planner, iterator: Iterator[Batch], online: Optional[Online], cache: bool) -> PlannedBatch:
     first = next(iterator, None)
     if first is None:
